@@ -1,0 +1,296 @@
+//! The composition root: turns a parsed command line into running parts, in a fixed order.
+//!
+//! `run`: merge and validate settings (exit 64 on any error, before anything else happens),
+//! start logging, install signal handlers, bind every listener (all or nothing), log the
+//! start-up line, serve, and on SIGTERM/SIGINT stop accepting and drain within the bound.
+//! `simulate` follows the same order with the simulator as the handler.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::cli::{Cli, Command, RunArgs, SimulateArgs};
+use crate::config::{Config, ConfigError, RawSettings};
+use crate::listener::{self, ConnInfo, ListenError, ServeOptions};
+use crate::logging::{self, LoggingError};
+use crate::proxy::{plain_text, Proxy};
+use crate::shutdown::StopSignals;
+use crate::simulator::{Simulator, SimulatorConfig, SimulatorConfigError};
+
+/// Exit code for invalid configuration or usage (sysexits' EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code when a privilege is missing (sysexits' EX_NOPERM).
+pub const EXIT_NOPERM: u8 = 77;
+/// Exit code for any other failure to start or run.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Largest body the simulator reads from a request; IMDS requests carry none.
+const SIM_MAX_REQUEST_BODY_BYTES: usize = 4_096;
+
+/// Why the process stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Settings were refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The simulator's user-data file could not be read.
+    #[error("user_data: cannot read {path}: {source}")]
+    UserData {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A simulator setting is outside what EC2 allows.
+    #[error(transparent)]
+    Simulator(#[from] SimulatorConfigError),
+    /// Logging could not start.
+    #[error(transparent)]
+    Logging(#[from] LoggingError),
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// The async runtime or the signal handlers could not start.
+    #[error("starting the runtime failed: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl AppError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Config(_) | AppError::UserData { .. } | AppError::Simulator(_) => EXIT_USAGE,
+            AppError::Listen(ListenError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                EXIT_NOPERM
+            }
+            _ => EXIT_FAILURE,
+        }
+    }
+}
+
+/// Runs the chosen subcommand to completion.
+pub fn main_inner(cli: Cli) -> Result<(), AppError> {
+    match cli.command {
+        Command::Run(args) => {
+            let config = load_config(&args)?;
+            logging::init(config.log_format, &config.log_level)?;
+            block_on(|signals| run(config, signals.recv()))
+        }
+        Command::Simulate(args) => {
+            let config = simulator_config(&args)?;
+            logging::init(args.log_format, &args.log_level)?;
+            block_on(|signals| simulate(&args, config, signals.recv()))
+        }
+    }
+}
+
+/// Merges flags and environment (already in `args`) over the TOML file, then validates.
+pub fn load_config(args: &RunArgs) -> Result<Config, ConfigError> {
+    let file = match &args.config {
+        Some(path) => RawSettings::from_file(path)?,
+        None => RawSettings::default(),
+    };
+    args.settings.clone().or(file).validate()
+}
+
+fn block_on<F, Fut>(body: F) -> Result<(), AppError>
+where
+    F: FnOnce(StopSignals) -> Fut,
+    Fut: Future<Output = Result<(), AppError>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)?;
+    runtime.block_on(async {
+        let signals = StopSignals::install().map_err(AppError::Runtime)?;
+        body(signals).await
+    })
+}
+
+/// Serves the proxy until `shutdown` resolves (a stop signal in production, a test's future in
+/// tests), then drains.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = &'static str>,
+) -> Result<(), AppError> {
+    let listeners = bind_all(&config.listen)?;
+    info!(
+        listen = %addresses(&listeners),
+        upstream = %config.upstream.authority,
+        response_ttl = config.response_ttl,
+        max_connections = config.max_connections,
+        header_read_timeout_ms = config.header_read_timeout.as_millis() as u64,
+        max_header_bytes = config.max_header_bytes,
+        max_request_body_bytes = config.max_request_body_bytes,
+        max_response_body_bytes = config.max_response_body_bytes,
+        upstream_connect_timeout_ms = config.upstream_connect_timeout.as_millis() as u64,
+        upstream_response_timeout_ms = config.upstream_response_timeout.as_millis() as u64,
+        drain_timeout_ms = config.drain_timeout.as_millis() as u64,
+        version = env!("CARGO_PKG_VERSION"),
+        "started"
+    );
+    if config.upstream_budget_exceeds_sdk_timeout() {
+        warn!(
+            "upstream_connect_timeout_ms + upstream_response_timeout_ms reach the SDKs' 1 s \
+             IMDS timeout: when IMDS is slow, clients time out before they see our 504"
+        );
+    }
+    let options = ServeOptions {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        max_header_bytes: config.max_header_bytes,
+        response_ttl: Some(config.response_ttl),
+        drain_timeout: config.drain_timeout,
+        socket_handle: false,
+    };
+    let proxy = Arc::new(Proxy::new(&config));
+    let handler = move |request, conn| proxy.clone().handle(request, conn);
+    let report = listener::serve(listeners, options, handler, log_stop(shutdown)).await;
+    info!(abandoned = report.abandoned, "stopped");
+    Ok(())
+}
+
+/// Serves the simulator until `shutdown` resolves.
+pub async fn simulate(
+    args: &SimulateArgs,
+    config: SimulatorConfig,
+    shutdown: impl Future<Output = &'static str>,
+) -> Result<(), AppError> {
+    let listeners = bind_all(&args.listen)?;
+    info!(
+        listen = %addresses(&listeners),
+        hop_limit = config.hop_limit,
+        tokens = %config.tokens,
+        role = %config.role,
+        credential_lifetime_secs = config.credential_lifetime.as_secs(),
+        user_data = config.user_data.is_some(),
+        "simulator started"
+    );
+    let hop_limit = config.hop_limit;
+    let simulator = Arc::new(Simulator::new(config));
+    let options = ServeOptions {
+        max_connections: crate::config::DEFAULT_MAX_CONNECTIONS as usize,
+        header_read_timeout: std::time::Duration::from_millis(
+            crate::config::DEFAULT_HEADER_READ_TIMEOUT_MS,
+        ),
+        max_header_bytes: crate::config::DEFAULT_MAX_HEADER_BYTES as usize,
+        // The kernel's default TTL for everything but token answers, like the real service.
+        response_ttl: None,
+        drain_timeout: std::time::Duration::from_millis(crate::config::DEFAULT_DRAIN_TIMEOUT_MS),
+        socket_handle: true,
+    };
+    let handler =
+        move |request, conn| simulator_answer(simulator.clone(), hop_limit, request, conn);
+    listener::serve(listeners, options, handler, log_stop(shutdown)).await;
+    info!("simulator stopped");
+    Ok(())
+}
+
+async fn simulator_answer(
+    simulator: Arc<Simulator>,
+    hop_limit: u8,
+    request: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+) -> http::Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = match Limited::new(body, SIM_MAX_REQUEST_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return plain_text(
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large",
+            )
+        }
+    };
+    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let answer = simulator.respond(
+        &parts.method,
+        path_and_query,
+        &parts.headers,
+        &body,
+        SystemTime::now(),
+    );
+    if answer.hop_limited {
+        if let Some(socket) = &conn.socket {
+            // What the real IMDS does to token answers: the TTL is the hop limit, so each
+            // forward on the way back takes one off and the kernel drops it at zero.
+            let set = if conn.peer.is_ipv6() {
+                socket.set_unicast_hops_v6(hop_limit.into())
+            } else {
+                socket.set_ttl_v4(hop_limit.into())
+            };
+            if let Err(err) = set {
+                warn!(client = %conn.peer, cause = %err, "could not set the token answer's hop limit");
+            }
+        }
+    }
+    info!(
+        client = %conn.peer,
+        method = %parts.method,
+        path = %parts.uri.path(),
+        status = answer.response.status().as_u16(),
+        hop_limited = answer.hop_limited,
+        "request"
+    );
+    answer.response.map(Full::new)
+}
+
+fn simulator_config(args: &SimulateArgs) -> Result<SimulatorConfig, AppError> {
+    let defaults = SimulatorConfig::default();
+    let user_data = if args.no_user_data {
+        None
+    } else if let Some(path) = &args.user_data {
+        Some(read_user_data(path)?)
+    } else {
+        defaults.user_data
+    };
+    let config = SimulatorConfig {
+        hop_limit: args.hop_limit,
+        tokens: args.tokens,
+        role: args.role.clone(),
+        credential_lifetime: std::time::Duration::from_secs(args.credential_lifetime_secs),
+        user_data,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn read_user_data(path: &Path) -> Result<Bytes, AppError> {
+    std::fs::read(path)
+        .map(Bytes::from)
+        .map_err(|source| AppError::UserData {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn bind_all(addrs: &[std::net::SocketAddr]) -> Result<Vec<TcpListener>, ListenError> {
+    addrs.iter().map(|addr| listener::bind(*addr)).collect()
+}
+
+fn addresses(listeners: &[TcpListener]) -> String {
+    listeners
+        .iter()
+        .filter_map(|listener| listener.local_addr().ok())
+        .map(|addr| addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn log_stop(shutdown: impl Future<Output = &'static str>) {
+    let signal = shutdown.await;
+    info!(signal, "stop requested");
+}

@@ -1,0 +1,30 @@
+//! imds-hop-proxy: lets containers on a Docker bridge reach EC2 IMDSv2 while the instance's
+//! `HttpPutResponseHopLimit` stays at 1.
+//!
+//! # Layout
+//!
+//! Data flows one way: **listener -> policy -> upstream -> response**.
+//!
+//! - [`config`]: every setting, its `DEFAULT_*` const, and validation of flags, environment and
+//!   TOML into one typed [`config::Config`].
+//! - [`listener`]: binds sockets, accepts under a connection limit, gives each accepted socket a
+//!   fresh TTL, and serves HTTP/1.1 with bounded header reads and a bounded drain.
+//! - [`policy`]: pure decisions about a request: may it pass, which headers go upstream and
+//!   which come back. No I/O.
+//! - [`upstream`]: one bounded request to the real IMDS; failures become 502/504 reasons.
+//! - [`proxy`]: the per-request service that chains policy and upstream and logs the outcome.
+//! - [`simulator`]: a faithful IMDS for tests, the demo and development on a laptop.
+//! - [`app`]: the composition root: start-up order, shutdown order.
+//! - [`shutdown`], [`logging`]: process edges (signals, tracing set-up).
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod listener;
+pub mod logging;
+pub mod policy;
+pub mod proxy;
+pub mod shutdown;
+pub mod simulator;
+pub mod upstream;
