@@ -275,6 +275,32 @@ fn default_in_help(help: &str, flag: &str) -> u64 {
 }
 
 #[test]
+fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let upstream = ScriptedUpstream::start(Script::Stall);
+    let proxy = proxy(
+        &upstream.url(),
+        &["--max-connections", "1", "--upstream-response-timeout-ms", "800"],
+    );
+    let addr = proxy.addr();
+    let first = std::thread::spawn(move || {
+        let answer = request(addr, "GET", "/first", &[]);
+        (Instant::now(), answer.status)
+    });
+    upstream.wait_received(1);
+    let second = std::thread::spawn(move || request(addr, "GET", "/second", &[]).status);
+    let (first_done, first_status) = first.join().unwrap();
+    assert_eq!(first_status, 504);
+    assert_eq!(second.join().unwrap(), 504);
+    let heads = upstream.received_at();
+    let (second_arrived, _) = heads
+        .iter()
+        .find(|(_, head)| head.starts_with("GET /second "))
+        .expect("the second request reached the upstream");
+    // With one slot, the second client is served only once the first one has its answer.
+    assert!(*second_arrived >= first_done - Duration::from_millis(5), "served concurrently");
+}
+
+#[test]
 fn oversized_request_heads_get_431() {
     let upstream = ScriptedUpstream::start(Script::Answer(
         Duration::ZERO,

@@ -256,7 +256,7 @@ fn parse_answer(bytes: &[u8]) -> Option<Answer> {
 pub struct ScriptedUpstream {
     /// Where it listens.
     pub addr: SocketAddr,
-    received: Arc<Mutex<Vec<String>>>,
+    received: Arc<Mutex<Vec<(Instant, String)>>>,
 }
 
 /// What a [`ScriptedUpstream`] does with each request.
@@ -282,7 +282,7 @@ impl ScriptedUpstream {
                 let script = script.clone();
                 thread::spawn(move || {
                     let head = read_head(&mut stream);
-                    record.lock().unwrap().push(head);
+                    record.lock().unwrap().push((Instant::now(), head));
                     match script {
                         Script::Answer(delay, bytes) => {
                             thread::sleep(delay);
@@ -304,6 +304,11 @@ impl ScriptedUpstream {
 
     /// The request heads received so far.
     pub fn received(&self) -> Vec<String> {
+        self.received_at().into_iter().map(|(_, head)| head).collect()
+    }
+
+    /// The request heads received so far, with the moment each arrived.
+    pub fn received_at(&self) -> Vec<(Instant, String)> {
         self.received.lock().unwrap().clone()
     }
 
