@@ -43,9 +43,19 @@ fn main() {
 
     let (d50, d99) = percentiles(&mut direct);
     let (p50, p99) = percentiles(&mut proxied);
-    println!("requests per side: {requests} (after {WARM_UP_REQUESTS} warm-up), new connection each");
-    println!("direct to simulator : median {:>8.1} us   p99 {:>8.1} us", us(d50), us(d99));
-    println!("through the proxy   : median {:>8.1} us   p99 {:>8.1} us", us(p50), us(p99));
+    println!(
+        "requests per side: {requests} (after {WARM_UP_REQUESTS} warm-up), new connection each"
+    );
+    println!(
+        "direct to simulator : median {:>8.1} us   p99 {:>8.1} us",
+        us(d50),
+        us(d99)
+    );
+    println!(
+        "through the proxy   : median {:>8.1} us   p99 {:>8.1} us",
+        us(p50),
+        us(p99)
+    );
     println!(
         "proxy adds          : median {:>8.1} us   p99 {:>8.1} us",
         us(p50) - us(d50),

@@ -152,6 +152,7 @@ pub async fn run(
         response_ttl: Some(config.response_ttl),
         drain_timeout: config.drain_timeout,
         socket_handle: false,
+        original_destination: config.redirect.is_some(),
     };
     let proxy = Arc::new(Proxy::new(&config));
     let handler = move |request, conn| proxy.clone().handle(request, conn);
@@ -188,6 +189,7 @@ pub async fn simulate(
         response_ttl: None,
         drain_timeout: std::time::Duration::from_millis(crate::config::DEFAULT_DRAIN_TIMEOUT_MS),
         socket_handle: true,
+        original_destination: false,
     };
     let handler =
         move |request, conn| simulator_answer(simulator.clone(), hop_limit, request, conn);

@@ -13,9 +13,27 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme, Uri};
 use serde::Deserialize;
 
-/// Where the proxy listens when nothing else is said: loopback only, so that a proxy started
-/// without a redirect rule and its listener guard can never hand IMDS data to the network.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8169";
+/// The port redirected container traffic is sent to.
+pub const DEFAULT_PROXY_PORT: u16 = 8169;
+/// Where the proxy listens with the redirect on: every address, IPv4 and IPv6, because the
+/// kernel's REDIRECT delivers to the address of whichever bridge the packet arrived on, and
+/// bridges come and go. Only redirected connections are served (see `policy::admit_connection`
+/// and the input guard the rules install).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8169,[::]:8169";
+/// Where the proxy listens with `--no-redirect`: loopback only, so a proxy without its rules
+/// and guard never hands IMDS data to the network.
+pub const DEFAULT_LISTEN_NO_REDIRECT: &str = "127.0.0.1:8169";
+/// Whether `run` installs and maintains the redirect rules.
+pub const DEFAULT_REDIRECT: bool = true;
+/// Interfaces whose IMDS traffic is redirected: Docker's default bridge and its user-defined
+/// bridges (`+` is a trailing wildcard, as in iptables).
+pub const DEFAULT_ALLOWED_INTERFACES: &str = "docker0,br-+";
+/// Firewall backend: `auto` follows what the host and Docker use.
+pub const DEFAULT_RULES_BACKEND: &str = "auto";
+/// How often `run` checks that its rules are still in place and restores them.
+pub const DEFAULT_RULES_CHECK_INTERVAL_MS: u64 = 2_000;
+/// Whether the rules stay after a clean stop (for restarts that must not drop a request).
+pub const DEFAULT_KEEP_RULES_ON_STOP: bool = false;
 /// The real IMDS, reached from the host itself, so the hop limit of 1 is never crossed.
 pub const DEFAULT_UPSTREAM: &str = "http://169.254.169.254";
 /// IP TTL and IPv6 hop limit of every accepted socket: the "fresh TTL" that survives the
@@ -65,6 +83,34 @@ pub struct RawSettings {
     #[arg(long, env = "IMDS_HOP_PROXY_LISTEN", value_name = "ADDR:PORT", value_delimiter = ',',
           help = format!("Address to listen on; repeat for several [default: {DEFAULT_LISTEN}]"))]
     pub listen: Option<Vec<SocketAddr>>,
+
+    /// Whether to install and maintain the redirect rules (`--no-redirect` turns them off).
+    #[arg(long = "no-redirect", env = "IMDS_HOP_PROXY_REDIRECT", num_args = 0,
+          default_missing_value = "false", value_name = "BOOL",
+          help = format!("Do not install the redirect rules and listener guard; IMDS_HOP_PROXY_REDIRECT=true|false [default: redirect={DEFAULT_REDIRECT}]"))]
+    pub redirect: Option<bool>,
+
+    /// Interfaces whose IMDS traffic is redirected.
+    #[arg(long = "allow-interface", env = "IMDS_HOP_PROXY_ALLOWED_INTERFACES", value_name = "NAME",
+          value_delimiter = ',',
+          help = format!("Interface whose IMDS traffic is redirected; repeat for several; a trailing + is a wildcard [default: {DEFAULT_ALLOWED_INTERFACES}]"))]
+    pub allowed_interfaces: Option<Vec<String>>,
+
+    /// Firewall backend for the redirect rules.
+    #[arg(long, env = "IMDS_HOP_PROXY_RULES_BACKEND", value_name = "BACKEND",
+          help = format!("Firewall backend: auto, nft, iptables-nft or iptables-legacy [default: {DEFAULT_RULES_BACKEND}]"))]
+    pub rules_backend: Option<String>,
+
+    /// How often the rules are checked and restored.
+    #[arg(long, env = "IMDS_HOP_PROXY_RULES_CHECK_INTERVAL_MS", value_name = "MS",
+          help = format!("How often the rules are checked and restored, 100-5000 [default: {DEFAULT_RULES_CHECK_INTERVAL_MS}]"))]
+    pub rules_check_interval_ms: Option<u64>,
+
+    /// Whether the rules stay after a clean stop.
+    #[arg(long, env = "IMDS_HOP_PROXY_KEEP_RULES_ON_STOP", num_args = 0,
+          default_missing_value = "true", value_name = "BOOL",
+          help = format!("Leave the redirect rules in place after a clean stop [default: {DEFAULT_KEEP_RULES_ON_STOP}]"))]
+    pub keep_rules_on_stop: Option<bool>,
 
     /// Base URL of the real IMDS.
     #[arg(long, env = "IMDS_HOP_PROXY_UPSTREAM", value_name = "URL",
@@ -136,6 +182,8 @@ pub struct RawSettings {
 pub struct Config {
     /// Addresses the proxy accepts clients on.
     pub listen: Vec<SocketAddr>,
+    /// The redirect rules and what they cover, or `None` with `--no-redirect`.
+    pub redirect: Option<Redirect>,
     /// The real IMDS: `http` only, authority only.
     pub upstream: Upstream,
     /// TTL / hop limit set on every accepted socket.
@@ -160,6 +208,21 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter directive.
     pub log_level: String,
+}
+
+/// What the redirect rules cover and how they are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// The port every listener shares; the rules send traffic there.
+    pub port: u16,
+    /// Interface names or `name+` wildcards whose IMDS traffic is redirected.
+    pub allowed_interfaces: Vec<String>,
+    /// `auto`, `nft`, `iptables-nft` or `iptables-legacy`.
+    pub backend: String,
+    /// How often the rules are checked and restored.
+    pub check_interval: Duration,
+    /// Whether the rules stay after a clean stop.
+    pub keep_on_stop: bool,
 }
 
 /// The upstream IMDS endpoint, reduced to what a request needs.
@@ -236,6 +299,13 @@ impl RawSettings {
     pub fn or(self, lower: RawSettings) -> RawSettings {
         RawSettings {
             listen: self.listen.or(lower.listen),
+            redirect: self.redirect.or(lower.redirect),
+            allowed_interfaces: self.allowed_interfaces.or(lower.allowed_interfaces),
+            rules_backend: self.rules_backend.or(lower.rules_backend),
+            rules_check_interval_ms: self
+                .rules_check_interval_ms
+                .or(lower.rules_check_interval_ms),
+            keep_rules_on_stop: self.keep_rules_on_stop.or(lower.keep_rules_on_stop),
             upstream: self.upstream.or(lower.upstream),
             response_ttl: self.response_ttl.or(lower.response_ttl),
             max_connections: self.max_connections.or(lower.max_connections),
@@ -259,6 +329,7 @@ impl RawSettings {
 
     /// Applies defaults and checks every value against its range.
     pub fn validate(self) -> Result<Config, ConfigError> {
+        let redirect_on = self.redirect.unwrap_or(DEFAULT_REDIRECT);
         let listen = match self.listen {
             Some(addrs) if addrs.is_empty() => {
                 return Err(ConfigError::invalid(
@@ -268,9 +339,28 @@ impl RawSettings {
                 ))
             }
             Some(addrs) => addrs,
-            None => vec![DEFAULT_LISTEN
-                .parse()
-                .expect("DEFAULT_LISTEN is a socket address")],
+            None if redirect_on => parse_addrs(DEFAULT_LISTEN),
+            None => parse_addrs(DEFAULT_LISTEN_NO_REDIRECT),
+        };
+        let redirect = if redirect_on {
+            Some(Redirect {
+                port: shared_port(&listen)?,
+                allowed_interfaces: interfaces(self.allowed_interfaces)?,
+                backend: backend(self.rules_backend)?,
+                check_interval: millis(
+                    "rules_check_interval_ms",
+                    self.rules_check_interval_ms,
+                    DEFAULT_RULES_CHECK_INTERVAL_MS,
+                    100,
+                    5_000,
+                    "milliseconds from 100 to 5000",
+                )?,
+                keep_on_stop: self
+                    .keep_rules_on_stop
+                    .unwrap_or(DEFAULT_KEEP_RULES_ON_STOP),
+            })
+        } else {
+            None
         };
         let upstream = parse_upstream(self.upstream.as_deref().unwrap_or(DEFAULT_UPSTREAM))?;
         let log_level = self
@@ -285,6 +375,7 @@ impl RawSettings {
         }
         Ok(Config {
             listen,
+            redirect,
             upstream,
             response_ttl: ranged(
                 "response_ttl",
@@ -400,6 +491,74 @@ fn millis(
     ranged(key, value, default, min, max, expected).map(Duration::from_millis)
 }
 
+fn parse_addrs(list: &str) -> Vec<SocketAddr> {
+    list.split(',')
+        .map(|addr| {
+            addr.parse()
+                .expect("default listen addresses are socket addresses")
+        })
+        .collect()
+}
+
+/// The rules redirect to one port, so every listener must use the same, known one.
+fn shared_port(listen: &[SocketAddr]) -> Result<u16, ConfigError> {
+    let port = listen[0].port();
+    if port == 0 || listen.iter().any(|addr| addr.port() != port) {
+        let value = listen
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        return Err(ConfigError::invalid(
+            "listen",
+            value,
+            "addresses that share one non-zero port while the redirect is on",
+        ));
+    }
+    Ok(port)
+}
+
+fn interfaces(given: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    const EXPECTED: &str = "interface names of 1 to 15 characters (letters, digits, . _ - @ :), \
+                            a trailing + as wildcard, at least one";
+    let names = given.unwrap_or_else(|| {
+        DEFAULT_ALLOWED_INTERFACES
+            .split(',')
+            .map(str::to_owned)
+            .collect()
+    });
+    let valid = |name: &String| {
+        let stem = name.strip_suffix('+').unwrap_or(name);
+        (1..=15).contains(&name.len())
+            && !stem.is_empty()
+            && stem
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | ':'))
+    };
+    match names.iter().find(|name| !valid(name)) {
+        Some(bad) => Err(ConfigError::invalid(
+            "allowed_interfaces",
+            format!("{bad:?}"),
+            EXPECTED,
+        )),
+        None if names.is_empty() => Err(ConfigError::invalid("allowed_interfaces", "[]", EXPECTED)),
+        None => Ok(names),
+    }
+}
+
+fn backend(given: Option<String>) -> Result<String, ConfigError> {
+    let name = given.unwrap_or_else(|| DEFAULT_RULES_BACKEND.to_owned());
+    if ["auto", "nft", "iptables-nft", "iptables-legacy"].contains(&name.as_str()) {
+        Ok(name)
+    } else {
+        Err(ConfigError::invalid(
+            "rules_backend",
+            format!("{name:?}"),
+            "auto, nft, iptables-nft or iptables-legacy",
+        ))
+    }
+}
+
 fn parse_upstream(text: &str) -> Result<Upstream, ConfigError> {
     const EXPECTED: &str = "an http:// URL with a host and optional port and no path, \
                             like http://169.254.169.254 or http://[fd00:ec2::254]";
@@ -432,7 +591,15 @@ mod tests {
     #[test]
     fn defaults_validate_to_the_documented_consts() {
         let config = RawSettings::default().validate().unwrap();
-        assert_eq!(config.listen, vec![DEFAULT_LISTEN.parse().unwrap()]);
+        assert_eq!(config.listen, parse_addrs(DEFAULT_LISTEN));
+        let redirect = config
+            .redirect
+            .clone()
+            .expect("the redirect is on by default");
+        assert_eq!(redirect.port, DEFAULT_PROXY_PORT);
+        assert_eq!(redirect.allowed_interfaces, ["docker0", "br-+"]);
+        assert_eq!(redirect.backend, "auto");
+        assert!(!redirect.keep_on_stop);
         assert_eq!(config.upstream.host_port(), ("169.254.169.254".into(), 80));
         assert_eq!(config.response_ttl, DEFAULT_RESPONSE_TTL);
         assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS as usize);
@@ -441,6 +608,56 @@ mod tests {
             Duration::from_millis(DEFAULT_UPSTREAM_RESPONSE_TIMEOUT_MS)
         );
         assert!(!config.upstream_budget_exceeds_sdk_timeout());
+    }
+
+    #[test]
+    fn without_redirect_the_default_listener_is_loopback_only() {
+        let raw = RawSettings {
+            redirect: Some(false),
+            ..Default::default()
+        };
+        let config = raw.validate().unwrap();
+        assert_eq!(config.redirect, None);
+        assert_eq!(config.listen, parse_addrs(DEFAULT_LISTEN_NO_REDIRECT));
+        assert!(config.listen.iter().all(|addr| addr.ip().is_loopback()));
+    }
+
+    #[test]
+    fn redirect_settings_are_checked() {
+        let ports = RawSettings {
+            listen: Some(parse_addrs("0.0.0.0:8169,[::]:8170")),
+            ..Default::default()
+        };
+        assert_eq!(key_of(ports.validate().unwrap_err()), "listen");
+        let zero = RawSettings {
+            listen: Some(parse_addrs("0.0.0.0:0")),
+            ..Default::default()
+        };
+        assert_eq!(key_of(zero.validate().unwrap_err()), "listen");
+        for bad in ["", "+", "much-too-long-name0", "eth 0", "br-*"] {
+            let raw = RawSettings {
+                allowed_interfaces: Some(vec![bad.into()]),
+                ..Default::default()
+            };
+            assert_eq!(
+                key_of(raw.validate().unwrap_err()),
+                "allowed_interfaces",
+                "{bad:?}"
+            );
+        }
+        let backend = RawSettings {
+            rules_backend: Some("ipfw".into()),
+            ..Default::default()
+        };
+        assert_eq!(key_of(backend.validate().unwrap_err()), "rules_backend");
+        let interval = RawSettings {
+            rules_check_interval_ms: Some(6_000),
+            ..Default::default()
+        };
+        assert_eq!(
+            key_of(interval.validate().unwrap_err()),
+            "rules_check_interval_ms"
+        );
     }
 
     #[test]

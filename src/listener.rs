@@ -47,6 +47,8 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Whether handlers get a handle on the socket (the simulator changes the TTL per answer).
     pub socket_handle: bool,
+    /// Whether to read each connection's pre-NAT destination (the proxy's listener guard).
+    pub original_destination: bool,
 }
 
 /// What a handler knows about the connection its request came on.
@@ -58,6 +60,9 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// A duplicate of the socket, when [`ServeOptions::socket_handle`] asked for one.
     pub socket: Option<Socket>,
+    /// Where the client was headed before the kernel's NAT rewrote the destination, when
+    /// [`ServeOptions::original_destination`] asked for it and the kernel has a NAT record.
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// How the drain after shutdown ended.
@@ -248,11 +253,34 @@ fn prepare(stream: &TcpStream, peer: SocketAddr, options: &ServeOptions) -> io::
     } else {
         None
     };
+    let original_dst = if options.original_destination {
+        original_destination(&socket, peer)
+    } else {
+        None
+    };
     Ok(ConnInfo {
         peer,
         local: stream.local_addr()?,
         socket: socket_handle,
+        original_dst,
     })
+}
+
+/// The destination conntrack recorded before NAT (SO_ORIGINAL_DST). Without a NAT record the
+/// kernel answers with the socket's own address or an error; both mean "not redirected".
+fn original_destination(socket: &SockRef<'_>, peer: SocketAddr) -> Option<SocketAddr> {
+    let addr = if peer.is_ipv6() {
+        socket.original_dst_v6()
+    } else {
+        socket.original_dst_v4()
+    };
+    match addr {
+        Ok(addr) => addr.as_socket(),
+        Err(err) => {
+            debug!(client = %peer, cause = %err, "no original destination for this connection");
+            None
+        }
+    }
 }
 
 async fn serve_connection<H, F>(
@@ -309,10 +337,17 @@ mod tests {
                 response_ttl: Some(ttl),
                 drain_timeout: Duration::from_secs(1),
                 socket_handle: true,
+                original_destination: true,
             };
             let _client = TcpStream::connect(addr).await.unwrap();
             let (stream, peer) = listener.accept().await.unwrap();
             let info = prepare(&stream, peer, &options).unwrap();
+            // No NAT happened, so the connection must not look redirected.
+            assert_ne!(
+                info.original_dst
+                    .map(|dst| crate::policy::admit_connection(Some(dst))),
+                Some(Ok(()))
+            );
             let socket = info.socket.expect("socket_handle was asked for");
             let seen = if addr.is_ipv6() {
                 socket.unicast_hops_v6().unwrap()

@@ -8,8 +8,17 @@
 //! those headers was proxied before it reached us, so it is refused here exactly as IMDS would
 //! refuse it, whatever its method.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
 use http::{Method, StatusCode, Uri};
+
+/// IMDS's IPv4 address, the destination the redirect rule matches.
+pub const IMDS_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// IMDS's IPv6 address on Nitro instances.
+pub const IMDS_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);
+/// IMDS's port.
+pub const IMDS_PORT: u16 = 80;
 
 /// Headers that reveal a proxy. IMDS answers 403 to a token PUT carrying `X-Forwarded-For`
 /// (and reportedly to token-bearing GETs); `Forwarded` and `Via` say the same thing in other
@@ -34,6 +43,27 @@ pub struct Refusal {
     pub status: StatusCode,
     /// One-line plain-text body: what was wrong, for the operator reading a client's error.
     pub reason: &'static str,
+}
+
+/// Decides whether a connection may be served at all while the redirect is on: only if the
+/// kernel's NAT record says it was headed for IMDS, which only happens when our redirect rule
+/// (which matches allowed interfaces only) rewrote it. A connection made straight to the proxy's
+/// port (from the LAN, another interface, or the host itself) has no such record. This is the
+/// second line of defence; the input guard the rules install drops those packets first.
+pub fn admit_connection(original_destination: Option<SocketAddr>) -> Result<(), Refusal> {
+    match original_destination {
+        Some(addr)
+            if addr.port() == IMDS_PORT
+                && (addr.ip() == IpAddr::V4(IMDS_IPV4) || addr.ip() == IpAddr::V6(IMDS_IPV6)) =>
+        {
+            Ok(())
+        }
+        _ => Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            reason: "this connection did not come through the IMDS redirect rule of an \
+                     allowed interface",
+        }),
+    }
 }
 
 /// Decides whether a request may be forwarded to IMDS.
@@ -116,6 +146,25 @@ mod tests {
             );
         }
         map
+    }
+
+    #[test]
+    fn only_connections_headed_for_imds_are_admitted() {
+        for ok in ["169.254.169.254:80", "[fd00:ec2::254]:80"] {
+            assert_eq!(admit_connection(Some(ok.parse().unwrap())), Ok(()), "{ok}");
+        }
+        for refused in [
+            "169.254.169.254:8169",
+            "169.254.169.253:80",
+            "172.17.0.1:8169",
+            "127.0.0.1:8169",
+            "[fd00:ec2::253]:80",
+            "[::ffff:169.254.169.254]:80",
+        ] {
+            let refusal = admit_connection(Some(refused.parse().unwrap())).unwrap_err();
+            assert_eq!(refusal.status, StatusCode::FORBIDDEN, "{refused}");
+        }
+        assert!(admit_connection(None).is_err());
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Proxy {
     upstream: UpstreamClient,
     max_request_body_bytes: usize,
     body_read_timeout: Duration,
+    /// With the redirect on, only redirected connections are served.
+    require_redirect: bool,
 }
 
 impl Proxy {
@@ -37,6 +39,7 @@ impl Proxy {
             max_request_body_bytes: config.max_request_body_bytes,
             // A client that sent its head in time gets the same bound again for its body.
             body_read_timeout: config.header_read_timeout,
+            require_redirect: config.redirect.is_some(),
         }
     }
 
@@ -49,7 +52,18 @@ impl Proxy {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let response = self.answer(request, conn.peer).await;
+        let admitted = if self.require_redirect {
+            policy::admit_connection(conn.original_dst)
+        } else {
+            Ok(())
+        };
+        let response = match admitted {
+            Ok(()) => self.answer(request, conn.peer).await,
+            Err(refusal) => {
+                warn!(client = %conn.peer, local = %conn.local, "refused a connection that was not redirected");
+                plain_text(refusal.status, refusal.reason)
+            }
+        };
         info!(
             client = %conn.peer,
             method = %method,

@@ -279,7 +279,12 @@ fn connections_beyond_the_limit_wait_for_a_free_slot() {
     let upstream = ScriptedUpstream::start(Script::Stall);
     let proxy = proxy(
         &upstream.url(),
-        &["--max-connections", "1", "--upstream-response-timeout-ms", "800"],
+        &[
+            "--max-connections",
+            "1",
+            "--upstream-response-timeout-ms",
+            "800",
+        ],
     );
     let addr = proxy.addr();
     let first = std::thread::spawn(move || {
@@ -297,7 +302,10 @@ fn connections_beyond_the_limit_wait_for_a_free_slot() {
         .find(|(_, head)| head.starts_with("GET /second "))
         .expect("the second request reached the upstream");
     // With one slot, the second client is served only once the first one has its answer.
-    assert!(*second_arrived >= first_done - Duration::from_millis(5), "served concurrently");
+    assert!(
+        *second_arrived >= first_done - Duration::from_millis(5),
+        "served concurrently"
+    );
 }
 
 #[test]
@@ -571,6 +579,7 @@ fn flags_override_environment_which_overrides_the_file() {
     let mut proxy = Daemon::start_with_env(
         &[
             "run",
+            "--no-redirect",
             "--listen",
             "127.0.0.1:0",
             "--config",

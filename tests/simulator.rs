@@ -7,7 +7,10 @@ use support::*;
 #[test]
 fn tokens_required_refuses_imdsv1_and_serves_imdsv2() {
     let sim = simulator(&[]);
-    assert_eq!(request(sim.addr(), "GET", "/latest/meta-data/instance-id", &[]).status, 401);
+    assert_eq!(
+        request(sim.addr(), "GET", "/latest/meta-data/instance-id", &[]).status,
+        401
+    );
     let token = token(sim.addr());
     let id = request(
         sim.addr(),
@@ -24,7 +27,12 @@ fn tokens_required_refuses_imdsv1_and_serves_imdsv2() {
 #[test]
 fn tokens_optional_serves_imdsv1() {
     let sim = simulator(&["--tokens", "optional"]);
-    let az = request(sim.addr(), "GET", "/latest/meta-data/placement/availability-zone/", &[]);
+    let az = request(
+        sim.addr(),
+        "GET",
+        "/latest/meta-data/placement/availability-zone/",
+        &[],
+    );
     assert_eq!(az.status, 200, "{az:?}");
     assert!(az.text().starts_with("us-"), "{az:?}");
 }
@@ -32,11 +40,15 @@ fn tokens_optional_serves_imdsv1() {
 #[test]
 fn the_token_put_rules_hold() {
     let sim = simulator(&[]);
-    let put = |headers: &[(&str, &str)]| request(sim.addr(), "PUT", "/latest/api/token", headers).status;
+    let put =
+        |headers: &[(&str, &str)]| request(sim.addr(), "PUT", "/latest/api/token", headers).status;
     assert_eq!(put(&[]), 400);
     assert_eq!(put(&[("X-aws-ec2-metadata-token-ttl-seconds", "0")]), 400);
     assert_eq!(
-        put(&[("X-aws-ec2-metadata-token-ttl-seconds", "60"), ("X-Forwarded-For", "1.2.3.4")]),
+        put(&[
+            ("X-aws-ec2-metadata-token-ttl-seconds", "60"),
+            ("X-Forwarded-For", "1.2.3.4")
+        ]),
         403
     );
     let answer = request(sim.addr(), "GET", "/latest/api/token", &[]);
@@ -54,8 +66,14 @@ fn user_data_comes_from_a_file_or_is_absent() {
     let data = request(sim.addr(), "GET", "/latest/user-data", &[]);
     assert_eq!(data.status, 200);
     assert_eq!(data.body, b"#cloud-config\nruncmd: []\n");
-    assert_eq!(data.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(
+        data.header("content-type"),
+        Some("application/octet-stream")
+    );
 
     let none = simulator(&["--tokens", "optional", "--no-user-data"]);
-    assert_eq!(request(none.addr(), "GET", "/latest/user-data", &[]).status, 404);
+    assert_eq!(
+        request(none.addr(), "GET", "/latest/user-data", &[]).status,
+        404
+    );
 }

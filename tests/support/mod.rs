@@ -304,7 +304,10 @@ impl ScriptedUpstream {
 
     /// The request heads received so far.
     pub fn received(&self) -> Vec<String> {
-        self.received_at().into_iter().map(|(_, head)| head).collect()
+        self.received_at()
+            .into_iter()
+            .map(|(_, head)| head)
+            .collect()
     }
 
     /// The request heads received so far, with the moment each arrived.
@@ -361,7 +364,14 @@ pub fn simulator(extra: &[&str]) -> Daemon {
 
 /// Starts the proxy on an OS-chosen loopback port in front of `upstream`, with extra flags.
 pub fn proxy(upstream: &str, extra: &[&str]) -> Daemon {
-    let mut args = vec!["run", "--listen", "127.0.0.1:0", "--upstream", upstream];
+    let mut args = vec![
+        "run",
+        "--no-redirect",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+    ];
     args.extend_from_slice(extra);
     Daemon::start(&args)
 }
