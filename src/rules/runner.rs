@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::RulesError;
 
 /// Longest a single firewall command may run before it is killed. `iptables -w` waits at most
-/// [`super::plan::IPTABLES_LOCK_WAIT_S`] for the xtables lock, well inside this bound.
+/// [`IPTABLES_LOCK_WAIT_S`](super::IPTABLES_LOCK_WAIT_S) for the xtables lock, well inside this bound.
 pub const DEFAULT_COMMAND_TIMEOUT_MS: u64 = 10_000;
 
 /// What a finished command printed, and how it exited.
@@ -58,8 +58,7 @@ impl Output {
 /// not be spawned, timed out); a non-zero exit is an `Ok` [`Output`] the caller judges.
 pub trait Runner {
     /// Runs `program` with `args`, writing `stdin` to it when given.
-    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>)
-        -> Result<Output, RulesError>;
+    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, RulesError>;
 }
 
 /// Renders a command line for error messages and `--dry-run`, quoting what a shell would need.
@@ -138,12 +137,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 impl Runner for SystemRunner {
-    fn run(
-        &self,
-        program: &str,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<Output, RulesError> {
+    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, RulesError> {
         let shown = command_line(program, args);
         let resolved = find_program(program).ok_or_else(|| RulesError::missing(program))?;
         let mut command = match &self.netns {
@@ -220,6 +214,28 @@ fn read_all(pipe: Option<&mut impl Read>) -> String {
         let _ = pipe.read_to_end(&mut bytes);
     }
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Answers each program with a canned output; programs not listed are "not installed". Records
+/// every call so tests can assert what would have run.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct FakeRunner(
+    pub std::collections::HashMap<&'static str, Output>,
+    pub std::cell::RefCell<Vec<(String, Option<String>)>>,
+);
+
+#[cfg(test)]
+impl Runner for FakeRunner {
+    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, RulesError> {
+        self.1
+            .borrow_mut()
+            .push((command_line(program, args), stdin.map(str::to_owned)));
+        self.0
+            .get(program)
+            .cloned()
+            .ok_or_else(|| RulesError::missing(program))
+    }
 }
 
 #[cfg(test)]
