@@ -13,7 +13,11 @@
 //!   which come back. No I/O.
 //! - [`upstream`]: one bounded request to the real IMDS; failures become 502/504 reasons.
 //! - [`proxy`]: the per-request service that chains policy and upstream and logs the outcome.
+//! - [`rules`]: the firewall rules that redirect container IMDS traffic to the proxy port and
+//!   guard that port (nft, iptables-nft, iptables-legacy), honouring existing IMDS blocks.
 //! - [`simulator`]: a faithful IMDS for tests, the demo and development on a laptop.
+//! - [`testbed`]: a model of an EC2 instance running Docker in network namespaces (IMDS,
+//!   instance, bridges, containers, VPN, neighbour) for the end-to-end tests and the demo.
 //! - [`app`]: the composition root: start-up order, shutdown order.
 //! - [`shutdown`], [`logging`]: process edges (signals, tracing set-up).
 #![forbid(unsafe_code)]
@@ -25,6 +29,8 @@ pub mod listener;
 pub mod logging;
 pub mod policy;
 pub mod proxy;
+pub mod rules;
 pub mod shutdown;
 pub mod simulator;
+pub mod testbed;
 pub mod upstream;
