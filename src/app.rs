@@ -17,11 +17,13 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::cli::{Cli, Command, RunArgs, SimulateArgs};
+use crate::cli::{Cli, Command, RulesAction, RulesArgs, RunArgs, SimulateArgs};
 use crate::config::{Config, ConfigError, RawSettings};
 use crate::listener::{self, ConnInfo, ListenError, ServeOptions};
 use crate::logging::{self, LoggingError};
 use crate::proxy::{plain_text, Proxy};
+use crate::redirect::RuleKeeper;
+use crate::rules::{self, RulesError, SystemRunner};
 use crate::shutdown::StopSignals;
 use crate::simulator::{Simulator, SimulatorConfig, SimulatorConfigError};
 
@@ -29,8 +31,12 @@ use crate::simulator::{Simulator, SimulatorConfig, SimulatorConfigError};
 pub const EXIT_USAGE: u8 = 64;
 /// Exit code when a privilege is missing (sysexits' EX_NOPERM).
 pub const EXIT_NOPERM: u8 = 77;
+/// Exit code when a system tool is missing (sysexits' EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
 /// Exit code for any other failure to start or run.
 pub const EXIT_FAILURE: u8 = 1;
+/// Exit code of `rules status` when our rules are missing or changed (like `systemctl status`).
+pub const EXIT_RULES_INCOMPLETE: u8 = 3;
 
 /// Largest body the simulator reads from a request; IMDS requests carry none.
 const SIM_MAX_REQUEST_BODY_BYTES: usize = 4_096;
@@ -57,6 +63,15 @@ pub enum AppError {
     /// A listener could not be bound.
     #[error(transparent)]
     Listen(#[from] ListenError),
+    /// The redirect rules could not be installed, checked or removed.
+    #[error("redirect rules: {0}{hint}", hint = permission_hint(.0))]
+    Rules(#[from] RulesError),
+    /// `rules` was asked for with the redirect turned off.
+    #[error("redirect: the rules subcommand needs the redirect on; drop --no-redirect / redirect = false")]
+    RulesWithoutRedirect,
+    /// `rules status` found our rules missing or changed (the status was printed).
+    #[error("the redirect rules are missing or changed")]
+    RulesIncomplete,
     /// The async runtime or the signal handlers could not start.
     #[error("starting the runtime failed: {0}")]
     Runtime(#[source] std::io::Error),
@@ -66,7 +81,13 @@ impl AppError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Config(_) | AppError::UserData { .. } | AppError::Simulator(_) => EXIT_USAGE,
+            AppError::Config(_)
+            | AppError::UserData { .. }
+            | AppError::Simulator(_)
+            | AppError::RulesWithoutRedirect => EXIT_USAGE,
+            AppError::Rules(err) if err.is_permission_denied() => EXIT_NOPERM,
+            AppError::Rules(err) if err.is_tool_missing() => EXIT_UNAVAILABLE,
+            AppError::RulesIncomplete => EXIT_RULES_INCOMPLETE,
             AppError::Listen(ListenError::Bind { source, .. })
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
@@ -85,12 +106,79 @@ pub fn main_inner(cli: Cli) -> Result<(), AppError> {
             logging::init(config.log_format, &config.log_level)?;
             block_on(|signals| run(config, signals.recv()))
         }
+        Command::Rules(args) => rules_command(&args),
         Command::Simulate(args) => {
             let config = simulator_config(&args)?;
             logging::init(args.log_format, &args.log_level)?;
             block_on(|signals| simulate(&args, config, signals.recv()))
         }
     }
+}
+
+fn permission_hint(err: &RulesError) -> &'static str {
+    if err.is_permission_denied() {
+        " (changing firewall rules needs root or the CAP_NET_ADMIN capability)"
+    } else {
+        ""
+    }
+}
+
+/// `imds-hop-proxy rules install|remove|status [--dry-run]`: the same rules `run` manages, by
+/// hand. Prints to stdout; changes nothing with `--dry-run`.
+fn rules_command(args: &RulesArgs) -> Result<(), AppError> {
+    let config = load_config(&args.run)?;
+    let redirect = config.redirect.ok_or(AppError::RulesWithoutRedirect)?;
+    let runner = SystemRunner::host();
+    let spec = redirect.rule_spec();
+    let backend = redirect.backend.resolve(&runner)?;
+    match (args.action, args.dry_run) {
+        (RulesAction::Install, true) => {
+            let snapshot = rules::Snapshot::gather(&runner)?;
+            let blocks = rules::find_blocking_rules(&snapshot.rulesets());
+            let exempt = rules::exemptions(&blocks, &spec.allowed)?;
+            println!("# backend: {backend} (dry run: nothing is changed)");
+            print!("{}", rules::plan(backend, &spec, &exempt));
+        }
+        (RulesAction::Install, false) => {
+            let report = rules::install(&runner, backend, &spec)?;
+            println!("installed the redirect rules with {backend}");
+            for exempt in &report.exempted {
+                println!(
+                    "not redirected: {} (blocked by: {})",
+                    exempt.pattern, exempt.because
+                );
+            }
+            for warning in &report.warnings {
+                println!("warning: {warning}");
+            }
+        }
+        (RulesAction::Remove, true) => {
+            let status = rules::status(&runner, backend, &spec)?;
+            println!("# backend: {backend} (dry run: nothing is changed); would remove:");
+            print!("{}", status.text);
+        }
+        (RulesAction::Remove, false) => {
+            rules::remove(&runner, backend)?;
+            println!("removed the redirect rules ({backend})");
+        }
+        (RulesAction::Status, _) => {
+            let status = rules::status(&runner, backend, &spec)?;
+            let verdict = if status.complete {
+                "complete"
+            } else {
+                "missing or changed"
+            };
+            println!("# backend: {backend}; rules {verdict}");
+            print!("{}", status.text);
+            for problem in &status.problems {
+                println!("# problem: {problem}");
+            }
+            if !status.complete {
+                return Err(AppError::RulesIncomplete);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Merges flags and environment (already in `args`) over the TOML file, then validates.
@@ -123,9 +211,27 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = &'static str>,
 ) -> Result<(), AppError> {
+    // Bind first: a port conflict must not leave rules pointing at someone else's listener.
     let listeners = bind_all(&config.listen)?;
+    let keeper = match &config.redirect {
+        Some(redirect) => Some(RuleKeeper::install(redirect).await?),
+        None => None,
+    };
+    let allowed = config
+        .redirect
+        .as_ref()
+        .map_or_else(String::new, |redirect| {
+            let names: Vec<&str> = redirect
+                .allowed_interfaces
+                .iter()
+                .map(|p| p.as_str())
+                .collect();
+            names.join(",")
+        });
     info!(
         listen = %addresses(&listeners),
+        redirect = %keeper.as_ref().map_or("off".to_owned(), |k| k.backend().to_string()),
+        allowed_interfaces = %allowed,
         upstream = %config.upstream.authority,
         response_ttl = config.response_ttl,
         max_connections = config.max_connections,
@@ -156,7 +262,18 @@ pub async fn run(
     };
     let proxy = Arc::new(Proxy::new(&config));
     let handler = move |request, conn| proxy.clone().handle(request, conn);
-    let report = listener::serve(listeners, options, handler, log_stop(shutdown)).await;
+    let serving = listener::serve(listeners, options, handler, log_stop(shutdown));
+    // The rules are kept (checked, restored) until the drain is over, then removed.
+    let report = match &keeper {
+        Some(keeper) => tokio::select! {
+            report = serving => report,
+            never = keeper.keep() => match never {},
+        },
+        None => serving.await,
+    };
+    if let Some(keeper) = keeper {
+        keeper.finish().await;
+    }
     info!(abandoned = report.abandoned, "stopped");
     Ok(())
 }

@@ -30,8 +30,38 @@ pub struct Cli {
 pub enum Command {
     /// Serve: forward container requests to the real IMDS and answer with a fresh TTL.
     Run(RunArgs),
+    /// Install, remove or show the redirect rules by hand (`run` manages them itself).
+    Rules(RulesArgs),
     /// Run an IMDS simulator (hop limit, tokens, credentials) for tests and development.
     Simulate(SimulateArgs),
+}
+
+/// Flags of `rules`.
+#[derive(Debug, clap::Args)]
+pub struct RulesArgs {
+    /// What to do with the rules.
+    #[arg(value_enum)]
+    pub action: RulesAction,
+
+    /// Print what would be applied (or removed) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// The same settings as `run`: the rules follow listen, allowed_interfaces and
+    /// rules_backend.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The `rules` actions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RulesAction {
+    /// Install (or repair) the redirect rules and the port guard; idempotent.
+    Install,
+    /// Remove every rule of ours; idempotent.
+    Remove,
+    /// Show exactly our rules; exit 0 when complete, 3 when missing or changed.
+    Status,
 }
 
 /// Flags of `run`.

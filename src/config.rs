@@ -13,6 +13,8 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme, Uri};
 use serde::Deserialize;
 
+use crate::rules::{BackendChoice, InterfacePattern, RuleSpec};
+
 /// The port redirected container traffic is sent to.
 pub const DEFAULT_PROXY_PORT: u16 = 8169;
 /// Where the proxy listens with the redirect on: every address, IPv4 and IPv6, because the
@@ -216,9 +218,13 @@ pub struct Redirect {
     /// The port every listener shares; the rules send traffic there.
     pub port: u16,
     /// Interface names or `name+` wildcards whose IMDS traffic is redirected.
-    pub allowed_interfaces: Vec<String>,
-    /// `auto`, `nft`, `iptables-nft` or `iptables-legacy`.
-    pub backend: String,
+    pub allowed_interfaces: Vec<InterfacePattern>,
+    /// A fixed firewall backend, or `auto` to follow what the host uses.
+    pub backend: BackendChoice,
+    /// Redirect IPv4 IMDS traffic (some listener is IPv4).
+    pub ipv4: bool,
+    /// Redirect IPv6 IMDS traffic (some listener is IPv6).
+    pub ipv6: bool,
     /// How often the rules are checked and restored.
     pub check_interval: Duration,
     /// Whether the rules stay after a clean stop.
@@ -358,6 +364,8 @@ impl RawSettings {
                 keep_on_stop: self
                     .keep_rules_on_stop
                     .unwrap_or(DEFAULT_KEEP_RULES_ON_STOP),
+                ipv4: listen.iter().any(SocketAddr::is_ipv4),
+                ipv6: listen.iter().any(SocketAddr::is_ipv6),
             })
         } else {
             None
@@ -518,44 +526,48 @@ fn shared_port(listen: &[SocketAddr]) -> Result<u16, ConfigError> {
     Ok(port)
 }
 
-fn interfaces(given: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
-    const EXPECTED: &str = "interface names of 1 to 15 characters (letters, digits, . _ - @ :), \
-                            a trailing + as wildcard, at least one";
+fn interfaces(given: Option<Vec<String>>) -> Result<Vec<InterfacePattern>, ConfigError> {
+    const EXPECTED: &str = "interface names of 1 to 15 characters (letters, digits, . _ -), \
+                            a trailing + as wildcard but not + alone, at least one";
     let names = given.unwrap_or_else(|| {
         DEFAULT_ALLOWED_INTERFACES
             .split(',')
             .map(str::to_owned)
             .collect()
     });
-    let valid = |name: &String| {
-        let stem = name.strip_suffix('+').unwrap_or(name);
-        (1..=15).contains(&name.len())
-            && !stem.is_empty()
-            && stem
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | ':'))
-    };
-    match names.iter().find(|name| !valid(name)) {
-        Some(bad) => Err(ConfigError::invalid(
-            "allowed_interfaces",
-            format!("{bad:?}"),
-            EXPECTED,
-        )),
-        None if names.is_empty() => Err(ConfigError::invalid("allowed_interfaces", "[]", EXPECTED)),
-        None => Ok(names),
+    if names.is_empty() {
+        return Err(ConfigError::invalid("allowed_interfaces", "[]", EXPECTED));
     }
+    names
+        .iter()
+        .map(|name| {
+            name.parse().map_err(|_| {
+                ConfigError::invalid("allowed_interfaces", format!("{name:?}"), EXPECTED)
+            })
+        })
+        .collect()
 }
 
-fn backend(given: Option<String>) -> Result<String, ConfigError> {
+fn backend(given: Option<String>) -> Result<BackendChoice, ConfigError> {
     let name = given.unwrap_or_else(|| DEFAULT_RULES_BACKEND.to_owned());
-    if ["auto", "nft", "iptables-nft", "iptables-legacy"].contains(&name.as_str()) {
-        Ok(name)
-    } else {
-        Err(ConfigError::invalid(
+    name.parse().map_err(|_| {
+        ConfigError::invalid(
             "rules_backend",
             format!("{name:?}"),
             "auto, nft, iptables-nft or iptables-legacy",
-        ))
+        )
+    })
+}
+
+impl Redirect {
+    /// What the firewall rules must do for this configuration.
+    pub fn rule_spec(&self) -> RuleSpec {
+        RuleSpec {
+            allowed: self.allowed_interfaces.clone(),
+            proxy_port: self.port,
+            ipv4: self.ipv4,
+            ipv6: self.ipv6,
+        }
     }
 }
 
@@ -597,8 +609,14 @@ mod tests {
             .clone()
             .expect("the redirect is on by default");
         assert_eq!(redirect.port, DEFAULT_PROXY_PORT);
-        assert_eq!(redirect.allowed_interfaces, ["docker0", "br-+"]);
-        assert_eq!(redirect.backend, "auto");
+        let names: Vec<&str> = redirect
+            .allowed_interfaces
+            .iter()
+            .map(|p| p.as_str())
+            .collect();
+        assert_eq!(names, ["docker0", "br-+"]);
+        assert_eq!(redirect.backend, BackendChoice::Auto);
+        assert!(redirect.ipv4 && redirect.ipv6);
         assert!(!redirect.keep_on_stop);
         assert_eq!(config.upstream.host_port(), ("169.254.169.254".into(), 80));
         assert_eq!(config.response_ttl, DEFAULT_RESPONSE_TTL);

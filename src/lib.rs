@@ -13,6 +13,7 @@
 //!   which come back. No I/O.
 //! - [`upstream`]: one bounded request to the real IMDS; failures become 502/504 reasons.
 //! - [`proxy`]: the per-request service that chains policy and upstream and logs the outcome.
+//! - [`redirect`]: keeps the rules installed while `run` serves: install, re-check, restore, remove.
 //! - [`rules`]: the firewall rules that redirect container IMDS traffic to the proxy port and
 //!   guard that port (nft, iptables-nft, iptables-legacy), honouring existing IMDS blocks.
 //! - [`simulator`]: a faithful IMDS for tests, the demo and development on a laptop.
@@ -29,6 +30,7 @@ pub mod listener;
 pub mod logging;
 pub mod policy;
 pub mod proxy;
+pub mod redirect;
 pub mod rules;
 pub mod shutdown;
 pub mod simulator;

@@ -25,6 +25,8 @@ mod runner;
 use std::fmt;
 use std::str::FromStr;
 
+use crate::config::{DEFAULT_ALLOWED_INTERFACES, DEFAULT_PROXY_PORT};
+
 pub use apply::{exemptions, install, remove, status, InstallReport, Status};
 pub use blocks::{find_blocking_rules, BlockScope, BlockingRule, RulesetFormat, RulesetText};
 pub use detect::{decide, detect, Snapshot, Source};
@@ -34,12 +36,6 @@ pub use plan::{
     NFT_TABLE,
 };
 pub use runner::{command_line, Output, Runner, SystemRunner, DEFAULT_COMMAND_TIMEOUT_MS};
-
-/// Port the redirect sends IMDS traffic to, and the guard protects.
-pub const DEFAULT_PROXY_PORT: u16 = 8169;
-/// Interfaces whose IMDS traffic is redirected: Docker's default bridge and its user-defined
-/// bridges (named `br-<network id>`).
-pub const DEFAULT_ALLOWED_INTERFACES: [&str; 2] = ["docker0", "br-+"];
 
 /// How the rules are written. Hosts run one of these for their own firewall and for Docker;
 /// writing ours with the same tool keeps them visible to whoever looks.
@@ -239,7 +235,7 @@ impl Default for RuleSpec {
     fn default() -> Self {
         RuleSpec {
             allowed: DEFAULT_ALLOWED_INTERFACES
-                .iter()
+                .split(',')
                 .map(|p| InterfacePattern(p.to_string()))
                 .collect(),
             proxy_port: DEFAULT_PROXY_PORT,
@@ -340,6 +336,27 @@ fn blocked_message(rules: &[BlockingRule]) -> String {
 }
 
 impl RulesError {
+    /// True when a firewall tool failed for want of privilege (not root, no CAP_NET_ADMIN).
+    pub fn is_permission_denied(&self) -> bool {
+        match self {
+            RulesError::CommandFailed { stderr, .. } => {
+                stderr.contains("Operation not permitted") || stderr.contains("Permission denied")
+            }
+            RulesError::Spawn { source, .. } => {
+                source.kind() == std::io::ErrorKind::PermissionDenied
+            }
+            _ => false,
+        }
+    }
+
+    /// True when a tool the chosen backend needs is not installed.
+    pub fn is_tool_missing(&self) -> bool {
+        matches!(
+            self,
+            RulesError::ToolMissing { .. } | RulesError::NoFirewallTool
+        )
+    }
+
     /// The error for a program that is not installed, naming its package and the alternative.
     pub fn missing(program: &str) -> Self {
         let (package, alternative) = match program {
