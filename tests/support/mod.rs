@@ -3,6 +3,8 @@
 //! that record what reached them.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod bed;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -37,11 +39,16 @@ impl Daemon {
     /// As [`Daemon::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut command = Command::new(binary());
+        command.args(args).envs(env.iter().copied());
+        Daemon::spawn(command)
+    }
+
+    /// Spawns a prepared command line for the binary (for example one wrapped in
+    /// `ip netns exec`), adds `--log-format json`, and waits for the start-up line.
+    pub fn spawn(mut command: Command) -> Daemon {
         command
-            .args(args)
             .args(["--log-format", "json"])
             .env_remove("RUST_LOG")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
