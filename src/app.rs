@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -19,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::cli::{Cli, Command, RulesAction, RulesArgs, RunArgs, SimulateArgs};
 use crate::config::{Config, ConfigError, RawSettings};
+use crate::demo::{self, DemoError};
 use crate::listener::{self, ConnInfo, ListenError, ServeOptions};
 use crate::logging::{self, LoggingError};
 use crate::proxy::{plain_text, Proxy};
@@ -26,6 +28,7 @@ use crate::redirect::RuleKeeper;
 use crate::rules::{self, RulesError, SystemRunner};
 use crate::shutdown::StopSignals;
 use crate::simulator::{Simulator, SimulatorConfig, SimulatorConfigError};
+use crate::testbed::TestbedError;
 
 /// Exit code for invalid configuration or usage (sysexits' EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -33,6 +36,8 @@ pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_NOPERM: u8 = 77;
 /// Exit code when a system tool is missing (sysexits' EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+pub const EXIT_INTERRUPTED: u8 = 130;
 /// Exit code for any other failure to start or run.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code of `rules status` when our rules are missing or changed (like `systemctl status`).
@@ -72,6 +77,9 @@ pub enum AppError {
     /// `rules status` found our rules missing or changed (the status was printed).
     #[error("the redirect rules are missing or changed")]
     RulesIncomplete,
+    /// The demo stopped early.
+    #[error("demo: {0}")]
+    Demo(#[from] DemoError),
     /// The async runtime or the signal handlers could not start.
     #[error("starting the runtime failed: {0}")]
     Runtime(#[source] std::io::Error),
@@ -88,6 +96,8 @@ impl AppError {
             AppError::Rules(err) if err.is_permission_denied() => EXIT_NOPERM,
             AppError::Rules(err) if err.is_tool_missing() => EXIT_UNAVAILABLE,
             AppError::RulesIncomplete => EXIT_RULES_INCOMPLETE,
+            AppError::Demo(DemoError::Interrupted) => EXIT_INTERRUPTED,
+            AppError::Demo(DemoError::Testbed(TestbedError::NotRoot)) => EXIT_NOPERM,
             AppError::Listen(ListenError::Bind { source, .. })
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
@@ -107,12 +117,46 @@ pub fn main_inner(cli: Cli) -> Result<(), AppError> {
             block_on(|signals| run(config, signals.recv()))
         }
         Command::Rules(args) => rules_command(&args),
+        Command::Demo => demo_command(),
         Command::Simulate(args) => {
             let config = simulator_config(&args)?;
             logging::init(args.log_format, &args.log_level)?;
             block_on(|signals| simulate(&args, config, signals.recv()))
         }
     }
+}
+
+/// Runs the demo with a Ctrl-C handler that only raises a flag, so the demo always gets to
+/// remove what it built.
+fn demo_command() -> Result<(), AppError> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let flag = interrupted.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        let Ok(runtime) = runtime else {
+            let _ = ready_tx.send(false);
+            return;
+        };
+        runtime.block_on(async move {
+            let handler = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+            let _ = ready_tx.send(handler.is_ok());
+            if let Ok(mut handler) = handler {
+                while handler.recv().await.is_some() {
+                    flag.store(true, Ordering::SeqCst);
+                    eprintln!("\ninterrupted: finishing the current step, then cleaning up");
+                }
+            }
+        });
+    });
+    if ready_rx.recv() != Ok(true) {
+        return Err(AppError::Runtime(std::io::Error::other(
+            "cannot install the Ctrl-C handler",
+        )));
+    }
+    Ok(demo::run(interrupted)?)
 }
 
 fn permission_hint(err: &RulesError) -> &'static str {

@@ -34,6 +34,9 @@ pub enum Command {
     Rules(RulesArgs),
     /// Run an IMDS simulator (hop limit, tokens, credentials) for tests and development.
     Simulate(SimulateArgs),
+    /// Show the hop-limit failure and the fix on a model EC2 host in network namespaces
+    /// (needs root; cleans up after itself, also on Ctrl-C).
+    Demo,
 }
 
 /// Flags of `rules`.

@@ -19,6 +19,7 @@
 //! - [`simulator`]: a faithful IMDS for tests, the demo and development on a laptop.
 //! - [`testbed`]: a model of an EC2 instance running Docker in network namespaces (IMDS,
 //!   instance, bridges, containers, VPN, neighbour) for the end-to-end tests and the demo.
+//! - [`demo`]: the hop-limit failure and the fix, shown on the testbed (`imds-hop-proxy demo`).
 //! - [`app`]: the composition root: start-up order, shutdown order.
 //! - [`shutdown`], [`logging`]: process edges (signals, tracing set-up).
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod listener;
 pub mod logging;
 pub mod policy;

@@ -17,16 +17,23 @@ use super::{binary, Daemon};
 /// expected timeouts (TTL-1 answers, dropped packets) keep the suite quick.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1_500);
 
-/// Builds a testbed tagged `<short>-<pid>`, or `None` when root tests are skipped on purpose.
-/// Not being root (without the opt-out variable) fails the test with a plain message.
-pub fn testbed(short: &str, configure: impl FnOnce(&mut TestbedOptions)) -> Option<Testbed> {
+/// True (after saying so) when root tests are skipped on purpose; not being root without the
+/// opt-out variable fails the test with a plain message.
+pub fn testbed_gate() -> bool {
     match root_gate() {
-        Ok(RootGate::Run) => {}
+        Ok(RootGate::Run) => false,
         Ok(RootGate::Skip) => {
             eprintln!("skipped: {SKIP_ROOT_TESTS_ENV} is set");
-            return None;
+            true
         }
         Err(err) => panic!("{err}"),
+    }
+}
+
+/// Builds a testbed tagged `<short>-<pid>`, or `None` when root tests are skipped on purpose.
+pub fn testbed(short: &str, configure: impl FnOnce(&mut TestbedOptions)) -> Option<Testbed> {
+    if testbed_gate() {
+        return None;
     }
     let mut options = TestbedOptions::new(binary());
     configure(&mut options);
