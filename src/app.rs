@@ -169,41 +169,55 @@ fn permission_hint(err: &RulesError) -> &'static str {
 
 /// `imds-hop-proxy rules install|remove|status [--dry-run]`: the same rules `run` manages, by
 /// hand. Prints to stdout; changes nothing with `--dry-run`.
+/// `writeln!` into a String, which cannot fail.
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {{
+        $out.push_str(&format!($($arg)*));
+        $out.push('\n');
+    }};
+}
+
 fn rules_command(args: &RulesArgs) -> Result<(), AppError> {
     let config = load_config(&args.run)?;
     let redirect = config.redirect.ok_or(AppError::RulesWithoutRedirect)?;
     let runner = SystemRunner::host();
     let spec = redirect.rule_spec();
     let backend = redirect.backend.resolve(&runner)?;
+    let mut out = String::new();
     match (args.action, args.dry_run) {
         (RulesAction::Install, true) => {
             let snapshot = rules::Snapshot::gather(&runner)?;
             let blocks = rules::find_blocking_rules(&snapshot.rulesets());
             let exempt = rules::exemptions(&blocks, &spec.allowed)?;
-            println!("# backend: {backend} (dry run: nothing is changed)");
-            print!("{}", rules::plan(backend, &spec, &exempt));
+            outln!(out, "# dry run: nothing is changed");
+            out.push_str(&rules::plan(backend, &spec, &exempt).to_string());
         }
         (RulesAction::Install, false) => {
             let report = rules::install(&runner, backend, &spec)?;
-            println!("installed the redirect rules with {backend}");
+            outln!(out, "installed the redirect rules with {backend}");
             for exempt in &report.exempted {
-                println!(
+                outln!(
+                    out,
                     "not redirected: {} (blocked by: {})",
-                    exempt.pattern, exempt.because
+                    exempt.pattern,
+                    exempt.because
                 );
             }
             for warning in &report.warnings {
-                println!("warning: {warning}");
+                outln!(out, "warning: {warning}");
             }
         }
         (RulesAction::Remove, true) => {
             let status = rules::status(&runner, backend, &spec)?;
-            println!("# backend: {backend} (dry run: nothing is changed); would remove:");
-            print!("{}", status.text);
+            outln!(
+                out,
+                "# backend: {backend} (dry run: nothing is changed); would remove:"
+            );
+            out.push_str(&status.text);
         }
         (RulesAction::Remove, false) => {
             rules::remove(&runner, backend)?;
-            println!("removed the redirect rules ({backend})");
+            outln!(out, "removed the redirect rules ({backend})");
         }
         (RulesAction::Status, _) => {
             let status = rules::status(&runner, backend, &spec)?;
@@ -212,17 +226,25 @@ fn rules_command(args: &RulesArgs) -> Result<(), AppError> {
             } else {
                 "missing or changed"
             };
-            println!("# backend: {backend}; rules {verdict}");
-            print!("{}", status.text);
+            outln!(out, "# backend: {backend}; rules {verdict}");
+            out.push_str(&status.text);
             for problem in &status.problems {
-                println!("# problem: {problem}");
+                outln!(out, "# problem: {problem}");
             }
             if !status.complete {
+                print_stdout(&out);
                 return Err(AppError::RulesIncomplete);
             }
         }
     }
+    print_stdout(&out);
     Ok(())
+}
+
+/// Writes a command's report; a reader that went away (`| head`) is not an error.
+fn print_stdout(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 /// Merges flags and environment (already in `args`) over the TOML file, then validates.
