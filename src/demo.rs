@@ -9,7 +9,7 @@
 //! only their shape.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -85,7 +85,7 @@ pub fn run(interrupted: Arc<AtomicBool>) -> Result<(), DemoError> {
 
 fn tour(
     bed: &Testbed,
-    binary: &PathBuf,
+    binary: &Path,
     step: &dyn Fn(&str) -> Result<(), DemoError>,
 ) -> Result<(), DemoError> {
     step("The host asks IMDS for a token (PUT /latest/api/token)")?;
@@ -249,7 +249,7 @@ struct ProxyProcess {
     started: String,
 }
 
-fn start_proxy(bed: &Testbed, binary: &PathBuf) -> Result<ProxyProcess, DemoError> {
+fn start_proxy(bed: &Testbed, binary: &Path) -> Result<ProxyProcess, DemoError> {
     let mut command = bed.command_in(bed.host_ns(), &binary.to_string_lossy())?;
     command
         .args(["run", "--log-format", "text"])
