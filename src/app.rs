@@ -28,6 +28,7 @@ use crate::redirect::RuleKeeper;
 use crate::rules::{self, RulesError, SystemRunner};
 use crate::shutdown::StopSignals;
 use crate::simulator::{Simulator, SimulatorConfig, SimulatorConfigError};
+use crate::systemd::{self, ActivationError};
 use crate::testbed::TestbedError;
 
 /// Exit code for invalid configuration or usage (sysexits' EX_USAGE).
@@ -62,6 +63,12 @@ pub enum AppError {
     /// A simulator setting is outside what EC2 allows.
     #[error(transparent)]
     Simulator(#[from] SimulatorConfigError),
+    /// Sockets handed over by systemd are unusable, or do not match the configuration.
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
+    /// The sockets systemd passed listen on another port than the rules redirect to.
+    #[error("listen: systemd passed sockets on {found}, but the redirect sends traffic to port {port}: make the .socket unit's ListenStream= ports match the listen setting")]
+    ActivationPort { found: String, port: u16 },
     /// Logging could not start.
     #[error(transparent)]
     Logging(#[from] LoggingError),
@@ -92,7 +99,9 @@ impl AppError {
             AppError::Config(_)
             | AppError::UserData { .. }
             | AppError::Simulator(_)
-            | AppError::RulesWithoutRedirect => EXIT_USAGE,
+            | AppError::RulesWithoutRedirect
+            | AppError::Activation(_)
+            | AppError::ActivationPort { .. } => EXIT_USAGE,
             AppError::Rules(err) if err.is_permission_denied() => EXIT_NOPERM,
             AppError::Rules(err) if err.is_tool_missing() => EXIT_UNAVAILABLE,
             AppError::RulesIncomplete => EXIT_RULES_INCOMPLETE,
@@ -113,8 +122,10 @@ pub fn main_inner(cli: Cli) -> Result<(), AppError> {
     match cli.command {
         Command::Run(args) => {
             let config = load_config(&args)?;
+            // Before any thread exists: this edits the environment.
+            let inherited = systemd::inherited_listeners()?;
             logging::init(config.log_format, &config.log_level)?;
-            block_on(|signals| run(config, signals.recv()))
+            block_on(|signals| run(config, inherited, signals.recv()))
         }
         Command::Rules(args) => rules_command(&args),
         Command::Demo => demo_command(),
@@ -272,17 +283,129 @@ where
 }
 
 /// Serves the proxy until `shutdown` resolves (a stop signal in production, a test's future in
-/// tests), then drains.
+/// tests), then drains. `inherited` are listening sockets from systemd's socket activation;
+/// without them the `listen` addresses are bound.
+///
+/// Order: open the listeners; serve at once (connections waiting in a socket unit's backlog
+/// across a restart are answered without waiting for the rules); install the rules alongside;
+/// report `started` and READY once they are in place; keep them while serving; remove them
+/// after the drain. A failed install stops serving and returns the error.
 pub async fn run(
     config: Config,
+    inherited: Vec<std::net::TcpListener>,
     shutdown: impl Future<Output = &'static str>,
 ) -> Result<(), AppError> {
-    // Bind first: a port conflict must not leave rules pointing at someone else's listener.
-    let listeners = bind_all(&config.listen)?;
-    let keeper = match &config.redirect {
-        Some(redirect) => Some(RuleKeeper::install(redirect).await?),
-        None => None,
+    let listeners = open_listeners(&config, inherited)?;
+    let listen = addresses(&listeners);
+    let _watchdog = systemd::watchdog_interval()
+        .map(|interval| AbortOnDrop(tokio::spawn(systemd::watchdog(interval))));
+    let options = ServeOptions {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        max_header_bytes: config.max_header_bytes,
+        response_ttl: Some(config.response_ttl),
+        drain_timeout: config.drain_timeout,
+        socket_handle: false,
+        original_destination: config.redirect.is_some(),
     };
+    let proxy = Arc::new(Proxy::new(&config));
+    let handler = move |request, conn| proxy.clone().handle(request, conn);
+    let (abort, aborted) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        tokio::select! {
+            signal = shutdown => {
+                systemd::stopping();
+                info!(signal, "stop requested");
+            }
+            _ = aborted => info!("stopping: the redirect rules could not be installed"),
+        }
+    };
+    let serving = listener::serve(listeners, options, handler, stop);
+    tokio::pin!(serving);
+
+    let install = async {
+        match &config.redirect {
+            None => Ok(None),
+            Some(redirect) => RuleKeeper::install(redirect).await.map(Some),
+        }
+    };
+    tokio::pin!(install);
+    let installed = tokio::select! {
+        installed = &mut install => installed,
+        report = &mut serving => {
+            // Stopped while the rules went in: let the install finish (its commands are already
+            // running), then take the rules out again.
+            if let Ok(Some(keeper)) = install.await {
+                keeper.finish().await;
+            }
+            info!(abandoned = report.abandoned, "stopped");
+            return Ok(());
+        }
+    };
+    let keeper = match installed {
+        Ok(keeper) => keeper,
+        Err(err) => {
+            let _ = abort.send(());
+            serving.await;
+            return Err(err.into());
+        }
+    };
+    log_started(&config, &listen, keeper.as_ref());
+    systemd::ready(&match &keeper {
+        Some(keeper) => format!(
+            "serving on {listen}; redirect rules in place ({})",
+            keeper.backend()
+        ),
+        None => format!("serving on {listen}; no redirect rules (--no-redirect)"),
+    });
+
+    // The rules are kept (checked, restored) until the drain is over, then removed.
+    let report = match &keeper {
+        Some(keeper) => tokio::select! {
+            report = &mut serving => report,
+            never = keeper.keep() => match never {},
+        },
+        None => serving.await,
+    };
+    if let Some(keeper) = keeper {
+        keeper.finish().await;
+    }
+    info!(abandoned = report.abandoned, "stopped");
+    Ok(())
+}
+
+/// The listening sockets: systemd's when it passed some, else freshly bound. Bound first, so a
+/// port conflict never leaves rules pointing at someone else's listener.
+fn open_listeners(
+    config: &Config,
+    inherited: Vec<std::net::TcpListener>,
+) -> Result<Vec<TcpListener>, AppError> {
+    if inherited.is_empty() {
+        return Ok(bind_all(&config.listen)?);
+    }
+    let listeners: Vec<TcpListener> = inherited
+        .into_iter()
+        .map(TcpListener::from_std)
+        .collect::<Result<_, _>>()
+        .map_err(|source| ActivationError::NotTcp { index: 0, source })?;
+    if let Some(redirect) = &config.redirect {
+        let ports: Vec<u16> = listeners
+            .iter()
+            .filter_map(|listener| listener.local_addr().ok())
+            .map(|addr| addr.port())
+            .collect();
+        if ports.iter().any(|port| *port != redirect.port) {
+            return Err(AppError::ActivationPort {
+                found: addresses(&listeners),
+                port: redirect.port,
+            });
+        }
+    }
+    info!(listen = %addresses(&listeners), "using the listening sockets systemd passed");
+    Ok(listeners)
+}
+
+fn log_started(config: &Config, listen: &str, keeper: Option<&RuleKeeper>) {
     let allowed = config
         .redirect
         .as_ref()
@@ -295,8 +418,8 @@ pub async fn run(
             names.join(",")
         });
     info!(
-        listen = %addresses(&listeners),
-        redirect = %keeper.as_ref().map_or("off".to_owned(), |k| k.backend().to_string()),
+        listen = %listen,
+        redirect = %keeper.map_or("off".to_owned(), |k| k.backend().to_string()),
         allowed_interfaces = %allowed,
         upstream = %config.upstream.authority,
         response_ttl = config.response_ttl,
@@ -317,31 +440,15 @@ pub async fn run(
              IMDS timeout: when IMDS is slow, clients time out before they see our 504"
         );
     }
-    let options = ServeOptions {
-        max_connections: config.max_connections,
-        header_read_timeout: config.header_read_timeout,
-        max_header_bytes: config.max_header_bytes,
-        response_ttl: Some(config.response_ttl),
-        drain_timeout: config.drain_timeout,
-        socket_handle: false,
-        original_destination: config.redirect.is_some(),
-    };
-    let proxy = Arc::new(Proxy::new(&config));
-    let handler = move |request, conn| proxy.clone().handle(request, conn);
-    let serving = listener::serve(listeners, options, handler, log_stop(shutdown));
-    // The rules are kept (checked, restored) until the drain is over, then removed.
-    let report = match &keeper {
-        Some(keeper) => tokio::select! {
-            report = serving => report,
-            never = keeper.keep() => match never {},
-        },
-        None => serving.await,
-    };
-    if let Some(keeper) = keeper {
-        keeper.finish().await;
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    info!(abandoned = report.abandoned, "stopped");
-    Ok(())
 }
 
 /// Serves the simulator until `shutdown` resolves.
@@ -376,7 +483,11 @@ pub async fn simulate(
     };
     let handler =
         move |request, conn| simulator_answer(simulator.clone(), hop_limit, request, conn);
-    listener::serve(listeners, options, handler, log_stop(shutdown)).await;
+    let stop = async move {
+        let signal = shutdown.await;
+        info!(signal, "stop requested");
+    };
+    listener::serve(listeners, options, handler, stop).await;
     info!("simulator stopped");
     Ok(())
 }
@@ -473,9 +584,4 @@ fn addresses(listeners: &[TcpListener]) -> String {
         .map(|addr| addr.to_string())
         .collect::<Vec<_>>()
         .join(",")
-}
-
-async fn log_stop(shutdown: impl Future<Output = &'static str>) {
-    let signal = shutdown.await;
-    info!(signal, "stop requested");
 }

@@ -21,7 +21,8 @@
 //!   instance, bridges, containers, VPN, neighbour) for the end-to-end tests and the demo.
 //! - [`demo`]: the hop-limit failure and the fix, shown on the testbed (`imds-hop-proxy demo`).
 //! - [`app`]: the composition root: start-up order, shutdown order.
-//! - [`shutdown`], [`logging`]: process edges (signals, tracing set-up).
+//! - [`shutdown`], [`logging`], [`systemd`]: process edges (signals, tracing set-up, readiness,
+//!   watchdog and socket activation).
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -36,5 +37,6 @@ pub mod redirect;
 pub mod rules;
 pub mod shutdown;
 pub mod simulator;
+pub mod systemd;
 pub mod testbed;
 pub mod upstream;

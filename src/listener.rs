@@ -4,8 +4,10 @@
 //!
 //! A permit from a semaphore is taken *before* `accept`, so at the limit new clients wait in
 //! the kernel's backlog instead of costing us memory. On shutdown every listener is closed at
-//! once, connections in flight finish their request (hyper's graceful shutdown), and whatever is
-//! still open when the drain bound passes is closed.
+//! once and every accepted connection gets to finish its one request (keep-alive is off, so
+//! each connection carries exactly one); whatever is still open when the drain bound passes is
+//! closed. hyper's graceful shutdown is deliberately not used: it closes connections whose
+//! request has not arrived yet, which would drop clients that connected just before a restart.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -198,8 +200,7 @@ where
             }
         };
         let span = tracing::info_span!("conn", client = %peer);
-        let connection =
-            serve_connection(stream, info, options.clone(), handler.clone(), stop.clone());
+        let connection = serve_connection(stream, info, options.clone(), handler.clone());
         connections.spawn(
             async move {
                 connection.await;
@@ -288,7 +289,6 @@ async fn serve_connection<H, F>(
     info: Arc<ConnInfo>,
     options: ServeOptions,
     handler: H,
-    mut stop: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>, Arc<ConnInfo>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
@@ -303,18 +303,12 @@ async fn serve_connection<H, F>(
         .header_read_timeout(options.header_read_timeout)
         .max_buf_size(options.max_header_bytes)
         // IMDS closes every connection after one answer; so do we. It also means no idle
-        // keep-alive connection ever holds a permit.
+        // keep-alive connection ever holds a permit, and a drain only waits for one request.
         .keep_alive(false);
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    let outcome = tokio::select! {
-        outcome = connection.as_mut() => outcome,
-        _ = stopped(&mut stop) => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(err) = outcome {
+    if let Err(err) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
         // Slow or oversized heads, clients that hang up: the client already has its answer
         // (hyper sends 431 for an oversized head) or is gone.
         debug!(cause = %err, "connection ended with an error");
