@@ -11,42 +11,21 @@ use std::time::{Duration, Instant};
 
 use imds_hop_proxy::simulator::{TokenMode, DEFAULT_SIM_ROLE};
 use imds_hop_proxy::testbed::{
-    plan, root_gate, DockerFirewall, HttpError, HttpRequest, HttpResponse, ImdsSettings, IpFamily,
-    RootGate, Testbed, TestbedError, TestbedOptions, SKIP_ROOT_TESTS_ENV, TOKEN_TTL_HEADER,
+    plan, DockerFirewall, HttpError, HttpRequest, HttpResponse, ImdsSettings, IpFamily, Testbed,
+    TestbedError, TestbedOptions, TOKEN_TTL_HEADER,
 };
+
+mod support;
+
+use support::bed::{testbed, testbed_gate};
 
 /// How long any wait for a condition may take.
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// Builds a testbed tagged `<short>-<pid>` (unique across parallel tests and test processes),
-/// or returns `None` when root tests are to be skipped. Not being root fails the test.
-fn testbed(short: &str, configure: impl FnOnce(&mut TestbedOptions)) -> Option<Testbed> {
-    let mut options = TestbedOptions::new(env!("CARGO_BIN_EXE_imds-hop-proxy"));
-    configure(&mut options);
-    match start(short, options) {
-        Ok(bed) => bed,
-        Err(err) => panic!("{err}"),
-    }
-}
-
-fn start(short: &str, options: TestbedOptions) -> Result<Option<Testbed>, TestbedError> {
-    if skip_root_tests() {
-        return Ok(None);
-    }
-    Testbed::start(&tag(short), options).map(Some)
-}
-
-/// True (after saying so) when root tests are to be skipped; fails the test when they cannot
-/// run and nobody asked to skip them.
-fn skip_root_tests() -> bool {
-    match root_gate() {
-        Ok(RootGate::Run) => false,
-        Ok(RootGate::Skip) => {
-            eprintln!("skipped: {SKIP_ROOT_TESTS_ENV} is set");
-            true
-        }
-        Err(err) => panic!("{err}"),
-    }
+/// Starts a testbed tagged like `support::bed::testbed` does, returning the error instead of
+/// failing, for the test of a build that fails half-way.
+fn start(short: &str, options: TestbedOptions) -> Result<Testbed, TestbedError> {
+    Testbed::start(&tag(short), options)
 }
 
 fn tag(short: &str) -> String {
@@ -381,7 +360,7 @@ fn dropping_the_testbed_kills_its_processes_and_deletes_its_namespaces() {
 
 #[test]
 fn a_panicking_test_still_removes_its_testbed() {
-    if skip_root_tests() {
+    if testbed_gate() {
         return;
     }
     let outcome = std::panic::catch_unwind(|| {
@@ -395,7 +374,7 @@ fn a_panicking_test_still_removes_its_testbed() {
 
 #[test]
 fn a_build_that_fails_half_way_removes_what_it_made() {
-    if skip_root_tests() {
+    if testbed_gate() {
         return;
     }
     // `false` is no simulator: everything is built, then IMDS fails to start.

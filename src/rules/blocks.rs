@@ -131,8 +131,8 @@ fn scope(ctx: Ctx) -> BlockScope {
 /// Whether an address match covers IMDS: `Some(true)` it does, `Some(false)` it excludes
 /// IMDS, `None` when the value is not an address we understand (treated as covering).
 fn addr_covers_imds(value: &str) -> Option<bool> {
-    let imds_v4: IpAddr = IMDS_V4.parse().expect("constant IPv4 address");
-    let imds_v6: IpAddr = IMDS_V6.parse().expect("constant IPv6 address");
+    let imds_v4 = IpAddr::V4(IMDS_V4);
+    let imds_v6 = IpAddr::V6(IMDS_V6);
     if let Some((lo, hi)) = value.split_once('-') {
         let (lo, hi): (IpAddr, IpAddr) = (lo.parse().ok()?, hi.parse().ok()?);
         let target = if lo.is_ipv4() { imds_v4 } else { imds_v6 };

@@ -250,7 +250,7 @@ fn add_block(ns: &Netns, flavour: Backend, iface: Option<&str>) {
             if let Some(iface) = iface {
                 argv.extend(["-i", iface]);
             }
-            argv.extend(["-d", IMDS_V4, "-j", "DROP"]);
+            argv.extend(["-d", "169.254.169.254", "-j", "DROP"]);
             ns.sh(&argv);
         }
         None => {
@@ -300,7 +300,7 @@ fn honours_blocks(backend: Backend, block_flavour: Backend) {
         msg.starts_with("refusing to install the IMDS redirect"),
         "{msg}"
     );
-    assert!(msg.contains(IMDS_V4), "{msg}");
+    assert!(msg.contains("169.254.169.254"), "{msg}");
     let st = status(&runner, backend, &spec).expect("status");
     assert!(!st.complete);
     assert!(
@@ -431,8 +431,8 @@ fn datapath(backend: Backend) {
     install(&host.runner(), backend, &spec).expect("install");
 
     // IMDS traffic from the container reaches the proxy, in both families...
-    assert_eq!(connect(&container, IMDS_V4, 80, "2"), "proxy");
-    assert_eq!(connect(&container, IMDS_V6, 80, "2"), "proxy");
+    assert_eq!(connect(&container, &IMDS_V4.to_string(), 80, "2"), "proxy");
+    assert_eq!(connect(&container, &IMDS_V6.to_string(), 80, "2"), "proxy");
     // ...while the port itself is closed to everyone, the host's loopback included.
     for (ns, addr) in [
         (&container, "172.31.0.1"),

@@ -18,12 +18,8 @@ use std::fmt;
 
 use super::{Backend, ExemptInterface, InterfacePattern, RuleSpec};
 
-/// IMDS's IPv4 address.
-pub const IMDS_V4: &str = "169.254.169.254";
-/// IMDS's IPv6 address (Nitro instances with `HttpProtocolIpv6=enabled`).
-pub const IMDS_V6: &str = "fd00:ec2::254";
-/// IMDS's TCP port.
-pub const IMDS_PORT: u16 = 80;
+/// IMDS's addresses and port: one definition for the whole crate, in the request policy.
+pub use crate::policy::{IMDS_IPV4 as IMDS_V4, IMDS_IPV6 as IMDS_V6, IMDS_PORT};
 
 /// Our nft table (family `inet`, so one table carries both address families).
 pub const NFT_TABLE: &str = "imds_hop_proxy";
@@ -59,10 +55,10 @@ impl Family {
     pub const ALL: [Family; 2] = [Family::V4, Family::V6];
 
     /// IMDS's address in this family.
-    pub fn imds(self) -> &'static str {
+    pub fn imds(self) -> std::net::IpAddr {
         match self {
-            Family::V4 => IMDS_V4,
-            Family::V6 => IMDS_V6,
+            Family::V4 => IMDS_V4.into(),
+            Family::V6 => IMDS_V6.into(),
         }
     }
 
@@ -375,7 +371,16 @@ pub fn conntrack_args(family: Family) -> Vec<String> {
     if family == Family::V6 {
         args.extend(["-f".to_owned(), "ipv6".to_owned()]);
     }
-    args.extend(["-p", "tcp", "--orig-dst", family.imds(), "--orig-port-dst"].map(str::to_owned));
+    args.extend(
+        [
+            "-p",
+            "tcp",
+            "--orig-dst",
+            &family.imds().to_string(),
+            "--orig-port-dst",
+        ]
+        .map(str::to_owned),
+    );
     args.push(IMDS_PORT.to_string());
     args
 }

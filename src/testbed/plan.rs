@@ -18,12 +18,8 @@ use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-/// IMDS's IPv4 address, the one every SDK uses by default.
-pub const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
-/// IMDS's IPv6 address on Nitro instances.
-pub const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
-/// The port IMDS answers on.
-pub const IMDS_PORT: u16 = 80;
+/// IMDS's addresses and port, as the proxy knows them.
+pub use crate::policy::{IMDS_IPV4 as IMDS_V4, IMDS_IPV6 as IMDS_V6, IMDS_PORT};
 
 /// The VPC subnet's router (the IMDS namespace plays it), IPv4.
 pub const VPC_ROUTER_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
