@@ -115,13 +115,7 @@ fn tour(
     let mut proxy = start_proxy(bed, binary)?;
     println!("    {}", proxy.started);
     println!("    the rules it installed (imds-hop-proxy rules status):");
-    let status = bed.run_in(
-        bed.host_ns(),
-        &binary.to_string_lossy(),
-        &["rules", "status"],
-        Duration::from_secs(10),
-    )?;
-    for line in status.stdout.lines() {
+    for line in rules_status(bed, binary)?.lines() {
         println!("      {line}");
     }
 
@@ -161,14 +155,7 @@ fn tour(
 
     step("Stopping the proxy (SIGTERM): it drains and removes its rules")?;
     proxy.stop()?;
-    let status = bed.run_in(
-        bed.host_ns(),
-        &binary.to_string_lossy(),
-        &["rules", "status"],
-        Duration::from_secs(10),
-    )?;
-    let leftover = status
-        .stdout
+    let leftover = rules_status(bed, binary)?
         .lines()
         .filter(|line| !line.starts_with('#'))
         .count();
@@ -188,6 +175,17 @@ fn tour(
     );
     println!("the host's proxy over the container's own connection, with a fresh TTL.");
     Ok(())
+}
+
+/// What `imds-hop-proxy rules status` prints in the host namespace.
+fn rules_status(bed: &Testbed, binary: &Path) -> Result<String, DemoError> {
+    let status = bed.run_in(
+        bed.host_ns(),
+        &binary.to_string_lossy(),
+        &["rules", "status"],
+        Duration::from_secs(10),
+    )?;
+    Ok(status.stdout)
 }
 
 fn token_request(family: IpFamily) -> HttpRequest {
