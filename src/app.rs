@@ -25,7 +25,7 @@ use crate::listener::{self, ConnInfo, ListenError, ServeOptions};
 use crate::logging::{self, LoggingError};
 use crate::proxy::{plain_text, Proxy};
 use crate::redirect::RuleKeeper;
-use crate::rules::{self, RulesError, SystemRunner};
+use crate::rules::{self, Backend, BackendChoice, RulesError, SystemRunner};
 use crate::shutdown::StopSignals;
 use crate::simulator::{Simulator, SimulatorConfig, SimulatorConfigError};
 use crate::systemd::{self, ActivationError};
@@ -227,8 +227,20 @@ fn rules_command(args: &RulesArgs) -> Result<(), AppError> {
             out.push_str(&status.text);
         }
         (RulesAction::Remove, false) => {
-            rules::remove(&runner, backend)?;
-            outln!(out, "removed the redirect rules ({backend})");
+            // With `auto`, clean every backend present: rules left by an earlier choice (or by
+            // an older version) must not survive an uninstall.
+            let backends = match redirect.backend {
+                BackendChoice::Auto => Backend::ALL.to_vec(),
+                BackendChoice::Fixed(backend) => vec![backend],
+            };
+            for backend in backends {
+                match rules::remove(&runner, backend) {
+                    Ok(()) => outln!(out, "removed the redirect rules ({backend})"),
+                    Err(err)
+                        if err.is_tool_missing() && redirect.backend == BackendChoice::Auto => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
         }
         (RulesAction::Status, _) => {
             let status = rules::status(&runner, backend, &spec)?;

@@ -641,7 +641,7 @@ COMMIT
         );
         assert_eq!(
             calls.last().unwrap().0,
-            "conntrack -D -p tcp --orig-dst 169.254.169.254 --orig-port-dst 80"
+            "conntrack -D -p tcp --orig-dst 169.254.169.254 --orig-port-dst 80 --reply-port-src 80"
         );
     }
 

@@ -8,7 +8,7 @@
 //! ([`decide`]) is pure.
 
 use super::blocks::{RulesetFormat, RulesetText};
-use super::plan::{iptables_tools, Family};
+use super::plan::{iptables_tools, Family, IPT_REDIRECT_CHAIN};
 use super::runner::Runner;
 use super::{Backend, RulesError};
 
@@ -118,15 +118,19 @@ fn has_docker_chains(save: &str) -> bool {
     save.lines().any(|l| l.starts_with(":DOCKER"))
 }
 
-/// Whether an `iptables-save` text holds any rule or user chain. Empty built-in tables do not
-/// count: merely listing with `iptables-legacy -L` creates them.
+/// Whether an `iptables-save` text holds any rule or user chain of someone else's. Empty
+/// built-in tables do not count (merely listing with `iptables-legacy -L` creates them), and
+/// neither do our own chains and jumps: otherwise the backend we chose once would choose itself
+/// ever after, and `rules status`/`remove` could look somewhere else than `run` installed.
 fn has_content(save: &str) -> bool {
-    save.lines().any(|l| {
-        l.starts_with("-A ")
-            || l.strip_prefix(':')
-                .and_then(|rest| rest.split_whitespace().next())
-                .is_some_and(|chain| !BUILTIN_CHAINS.contains(&chain))
-    })
+    save.lines()
+        .filter(|l| !l.contains(IPT_REDIRECT_CHAIN))
+        .any(|l| {
+            l.starts_with("-A ")
+                || l.strip_prefix(':')
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .is_some_and(|chain| !BUILTIN_CHAINS.contains(&chain))
+        })
 }
 
 /// Whether `nft list ruleset` shows Docker's own nftables tables (Docker 29's nftables mode).
@@ -183,6 +187,17 @@ mod tests {
     const DOCKER_SAVE: &str = "*filter\n:FORWARD DROP [0:0]\n:DOCKER - [0:0]\n:DOCKER-USER - [0:0]\n-A FORWARD -j DOCKER-USER\nCOMMIT\n";
     const HOST_FIREWALL_SAVE: &str =
         "*filter\n:INPUT DROP [0:0]\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n";
+
+    #[test]
+    fn our_own_chains_are_not_the_hosts_content() {
+        let ours = "*nat\n:PREROUTING ACCEPT [0:0]\n:IMDS-HOP-PROXY - [0:0]\n\
+                    -A PREROUTING -j IMDS-HOP-PROXY\n\
+                    -A IMDS-HOP-PROXY -d 169.254.169.254/32 -i docker0 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8169\n\
+                    COMMIT\n*filter\n:IMDS-HOP-PROXY-GUARD - [0:0]\n-A INPUT -j IMDS-HOP-PROXY-GUARD\nCOMMIT\n";
+        assert!(!has_content(ours));
+        assert!(has_content(&format!("{ours}{HOST_FIREWALL_SAVE}")));
+        assert!(!has_content(EMPTY_SAVE));
+    }
 
     fn host(outputs: &[(&'static str, &str)]) -> FakeRunner {
         FakeRunner(

@@ -366,6 +366,9 @@ fn ipt_redirect_rule(family: Family, pattern: &InterfacePattern, target: String)
 }
 
 /// Arguments of the `conntrack` call that forgets connections to IMDS made before our rules.
+/// Only flows whose reply comes from IMDS's own port 80 are deleted: those went straight to
+/// IMDS. Redirected flows reply from the proxy's port and are left alone, so reinstalling the
+/// rules (every start and restart) never cuts a request the proxy is serving.
 pub fn conntrack_args(family: Family) -> Vec<String> {
     let mut args = vec!["-D".to_owned()];
     if family == Family::V6 {
@@ -382,6 +385,7 @@ pub fn conntrack_args(family: Family) -> Vec<String> {
         .map(str::to_owned),
     );
     args.push(IMDS_PORT.to_string());
+    args.extend(["--reply-port-src".to_owned(), IMDS_PORT.to_string()]);
     args
 }
 
@@ -521,6 +525,8 @@ table inet imds_hop_proxy {
                 "--orig-dst",
                 "fd00:ec2::254",
                 "--orig-port-dst",
+                "80",
+                "--reply-port-src",
                 "80"
             ]]
         );
@@ -604,7 +610,7 @@ COMMIT
         );
         assert!(
             text.ends_with(
-                "conntrack -D -f ipv6 -p tcp --orig-dst fd00:ec2::254 --orig-port-dst 80\n"
+                "conntrack -D -f ipv6 -p tcp --orig-dst fd00:ec2::254 --orig-port-dst 80 --reply-port-src 80\n"
             ),
             "{text}"
         );
