@@ -5,6 +5,8 @@
 #   iptables  - the iptables-nft and iptables-legacy backends (both ship in this package)
 #   conntrack - clearing IMDS flows that predate the redirect rules
 #   curl      - HTTP clients inside the namespaces
+#   debootstrap, systemd-container - a Debian 12 root booted with systemd-nspawn for the tests
+#               under a real systemd (tests/systemd.rs)
 #   binutils, python3, python3-pip - scripts/release.sh and its test (pip installs ziglang and
 #               cargo-zigbuild; readelf reads the binary's glibc symbol versions)
 # Sourced by scripts/demo.sh and scripts/test.sh; needs root to install (apt-get or dnf).
@@ -15,6 +17,8 @@ ensure_tools() {
   { command -v iptables-nft >/dev/null && command -v iptables-legacy >/dev/null; } || missing+=(iptables)
   command -v conntrack >/dev/null || missing+=(conntrack)
   command -v curl >/dev/null || missing+=(curl)
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
   command -v readelf >/dev/null || missing+=(binutils)
   command -v python3 >/dev/null || missing+=(python3)
   python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
