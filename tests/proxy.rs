@@ -287,24 +287,26 @@ fn connections_beyond_the_limit_wait_for_a_free_slot() {
         ],
     );
     let addr = proxy.addr();
-    let first = std::thread::spawn(move || {
-        let answer = request(addr, "GET", "/first", &[]);
-        (Instant::now(), answer.status)
-    });
+    let first = std::thread::spawn(move || request(addr, "GET", "/first", &[]).status);
     upstream.wait_received(1);
     let second = std::thread::spawn(move || request(addr, "GET", "/second", &[]).status);
-    let (first_done, first_status) = first.join().unwrap();
-    assert_eq!(first_status, 504);
+    assert_eq!(first.join().unwrap(), 504);
     assert_eq!(second.join().unwrap(), 504);
     let heads = upstream.received_at();
-    let (second_arrived, _) = heads
-        .iter()
-        .find(|(_, head)| head.starts_with("GET /second "))
-        .expect("the second request reached the upstream");
-    // With one slot, the second client is served only once the first one has its answer.
+    let arrival = |line: &str| {
+        heads
+            .iter()
+            .find(|(_, head)| head.starts_with(line))
+            .map(|(at, _)| *at)
+            .unwrap_or_else(|| panic!("{line:?} reached the upstream"))
+    };
+    // With one slot, the second request can reach IMDS only after the first one's 800 ms
+    // upstream bound has run out; without the limit it would arrive within milliseconds.
+    // Both instants are the upstream's own, so client scheduling cannot blur them.
+    let gap = arrival("GET /second ") - arrival("GET /first ");
     assert!(
-        *second_arrived >= first_done - Duration::from_millis(5),
-        "served concurrently"
+        gap >= Duration::from_millis(700),
+        "served concurrently: {gap:?} apart"
     );
 }
 
