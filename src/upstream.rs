@@ -102,6 +102,9 @@ impl UpstreamError {
 pub struct UpstreamClient {
     host: String,
     port: u16,
+    /// The address when the upstream is an IP literal (the usual case), so requests need no
+    /// resolution at all.
+    literal: Option<SocketAddr>,
     host_header: HeaderValue,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -112,7 +115,9 @@ impl UpstreamClient {
     /// Takes the upstream endpoint and its bounds from the validated configuration.
     pub fn new(config: &Config) -> Self {
         let (host, port) = config.upstream.host_port();
+        let literal = host.parse().ok().map(|ip| SocketAddr::new(ip, port));
         UpstreamClient {
+            literal,
             host,
             port,
             host_header: HeaderValue::from_str(config.upstream.authority.as_str())
@@ -153,8 +158,8 @@ impl UpstreamClient {
     }
 
     async fn resolve(&self) -> Result<SocketAddr, UpstreamError> {
-        if let Ok(ip) = self.host.parse() {
-            return Ok(SocketAddr::new(ip, self.port));
+        if let Some(addr) = self.literal {
+            return Ok(addr);
         }
         let resolve_error = |source| UpstreamError::Resolve {
             host: self.host.clone(),
